@@ -1,0 +1,1 @@
+"""Data: region-feature readers and writers, vocabularies, datasets, datamodules, the synthetic world."""

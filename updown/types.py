@@ -1,0 +1,72 @@
+"""Batch dictionaries: the one place where batch keys are defined.
+
+Every collate function returns one of these, and every model and task reads these keys, so a name means
+the same thing from the HDF5 file to the loss. Shapes use ``B`` for batch size, ``R`` for the number of
+regions (boxes) after padding to the batch's largest box count, ``D`` for the feature size, ``T`` for
+sequence length.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import torch
+
+
+class RegionBatch(TypedDict):
+    """Region features of a batch of images, padded to the batch's largest box count.
+
+    Keys:
+        image_id: ``(B,)`` int64 COCO image ids.
+        image_features: ``(B, R, D)`` float32; rows beyond an image's box count are zero.
+        image_features_mask: ``(B, R)`` bool, True for a real box. Never infer it from zero features.
+        image_boxes: ``(B, R, 4)`` float32 x1, y1, x2, y2 in pixels.
+        image_spatial: ``(B, R, 5)`` float32 (x1/w, y1/h, x2/w, y2/h, area/(w*h)).
+    """
+
+    image_id: torch.Tensor
+    image_features: torch.Tensor
+    image_features_mask: torch.Tensor
+    image_boxes: torch.Tensor
+    image_spatial: torch.Tensor
+
+
+class CaptionTrainBatch(RegionBatch):
+    """One caption per item (an image appears once per caption it has).
+
+    Keys (besides :class:`RegionBatch`):
+        caption_tokens: ``(B, T)`` int64, ``<bos> w_1 .. w_n <eos> <pad>..``.
+        caption_lengths: ``(B,)`` int64, number of tokens including ``<bos>`` and ``<eos>``.
+    """
+
+    caption_tokens: torch.Tensor
+    caption_lengths: torch.Tensor
+
+
+class CaptionEvalBatch(RegionBatch):
+    """One item per image, with its raw reference strings (for the official scorer).
+
+    Keys (besides :class:`RegionBatch`):
+        references: list of B lists of raw caption strings.
+    """
+
+    references: list[list[str]]
+
+
+class VQABatch(RegionBatch):
+    """One question per item.
+
+    Keys (besides :class:`RegionBatch`):
+        question_id: ``(B,)`` int64.
+        question_tokens: ``(B, T)`` int64, right-padded with ``<pad>`` (0).
+        question_lengths: ``(B,)`` int64.
+        answer_scores: ``(B, A)`` float32 soft VQA scores per answer in the answer vocabulary
+            (all zero for questions without annotations).
+        answers: list of B lists of the 10 raw human answers (empty without annotations).
+    """
+
+    question_id: torch.Tensor
+    question_tokens: torch.Tensor
+    question_lengths: torch.Tensor
+    answer_scores: torch.Tensor
+    answers: list[list[str]]
