@@ -32,15 +32,17 @@ class RegionBatch(TypedDict):
 
 
 class CaptionTrainBatch(RegionBatch):
-    """One caption per item (an image appears once per caption it has).
+    """B images with all their N captions; regions appear once per image, not once per caption.
 
     Keys (besides :class:`RegionBatch`):
-        caption_tokens: ``(B, T)`` int64, ``<bos> w_1 .. w_n <eos> <pad>..``.
-        caption_lengths: ``(B,)`` int64, number of tokens including ``<bos>`` and ``<eos>``.
+        caption_tokens: ``(N, T)`` int64, ``<bos> w_1 .. w_n <eos> <pad>..``.
+        caption_lengths: ``(N,)`` int64, number of tokens including ``<bos>`` and ``<eos>``.
+        image_index: ``(N,)`` int64, the image row (0..B-1) of each caption.
     """
 
     caption_tokens: torch.Tensor
     caption_lengths: torch.Tensor
+    image_index: torch.Tensor
 
 
 class CaptionEvalBatch(RegionBatch):

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny synthetic worlds and feature files made on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from updown.data.synthetic import SyntheticSpec, ensure_synthetic_world
+from updown.data.writers import RegionFeaturesWriter
+
+REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+
+TINY_SPEC = SyntheticSpec(num_train=60, num_val=12, num_test=12, feature_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A small synthetic world (32-d features), generated once per test session."""
+    return ensure_synthetic_world(TINY_SPEC, data_root=tmp_path_factory.mktemp("worlds"), progress=False)
+
+
+def write_features(
+    path: Path,
+    num_boxes: list[int],
+    feature_size: int = 8,
+    max_boxes: int = 6,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> dict[int, np.ndarray]:
+    """Write a small region-feature file; returns image id -> the features written."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    with RegionFeaturesWriter(path, max_boxes, feature_size, dtype=dtype, force=True) as writer:
+        for k, n in enumerate(num_boxes):
+            image_id = 100 + 7 * k
+            features = rng.random((n, feature_size)).astype(np.float32)
+            x1 = rng.uniform(0, 50, size=n)
+            y1 = rng.uniform(0, 40, size=n)
+            boxes = np.stack([x1, y1, x1 + 10, y1 + 20], axis=1).astype(np.float32)
+            writer.add(image_id, features, boxes, image_w=100.0, image_h=80.0)
+            written[image_id] = (features, boxes)
+    return written

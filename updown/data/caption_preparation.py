@@ -1,0 +1,219 @@
+"""Prepare caption data from the public releases (DESIGN 2.2); ``tools/prepare_captions.py`` is its CLI.
+
+Inputs: Karpathy's ``dataset_coco.json`` (splits train, restval, val, test), or COCO ``captions_*.json``
+files plus image-id split lists. Outputs, in one folder:
+
+- ``captions.json``: ``{"images": [{"image_id", "split", "captions": [raw str], "tokens": [[str]]}]}``;
+- ``vocabulary.json``: words with count >= ``min_count`` over the vocabulary splits (train + restval);
+- ``references_<split>.json`` per evaluation split: COCO-format ground truth with the RAW strings, which
+  is what the official scorer tokenises and scores against.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from updown.data.vocabulary import Vocabulary, tokenize_caption
+from updown.io import read_json, write_json
+
+
+@dataclass
+class ImageCaptions:
+    """The captions of one image: raw strings and their tokens, in the same order."""
+
+    image_id: int
+    split: str
+    captions: list[str]
+    tokens: list[list[str]]
+
+
+def load_karpathy(dataset_jsonpath: str | os.PathLike) -> list[ImageCaptions]:
+    """Read Karpathy's ``dataset_coco.json`` (uses its ``tokens``; tokenises ``raw`` where tokens are absent)."""
+    data = read_json(dataset_jsonpath, "Karpathy dataset JSON")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(
+            f"{dataset_jsonpath}: expected an object with an 'images' list (Karpathy's dataset_coco.json)."
+        )
+    images = []
+    for position, image in enumerate(data["images"]):
+        try:
+            image_id = int(image["cocoid"])
+            split = str(image["split"])
+            sentences = image["sentences"]
+            raws = [str(s["raw"]) for s in sentences]
+            tokens = [list(s["tokens"]) if s.get("tokens") else tokenize_caption(s["raw"]) for s in sentences]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"{dataset_jsonpath}: images[{position}] lacks a valid field ({error!r}); each image needs 'cocoid', "
+                "'split' and 'sentences' with 'raw'. Use the original dataset_coco.json."
+            ) from None
+        images.append(ImageCaptions(image_id, split, raws, tokens))
+    return images
+
+
+def read_split_list(path: str | os.PathLike) -> list[int]:
+    """Image ids from a split list: one image a line, as an id or a COCO file name (``..._000000011169.jpg``).
+
+    A line may hold several fields (``val2014/COCO_val2014_000000011169.jpg 11169``); the last integer wins.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: split list not found. Check the path.")
+    ids = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        found = re.findall(r"\d+", line.split()[-1])
+        if not found:
+            raise ValueError(
+                f"{path}: line {number} ({line!r}) holds no image id. Use one id or COCO file name a line."
+            )
+        ids.append(int(found[-1]))
+    return ids
+
+
+def load_coco_captions(
+    captions_jsonpaths: Sequence[str | os.PathLike], split_lists: dict[str, str | os.PathLike]
+) -> list[ImageCaptions]:
+    """Read COCO ``captions_*.json`` files and assign images to splits from id lists.
+
+    Args:
+        captions_jsonpaths: COCO caption annotation files (e.g. train2014 and val2014).
+        split_lists: split name -> split list file; images in no list are dropped.
+    """
+    captions: dict[int, list[str]] = {}
+    for path in captions_jsonpaths:
+        data = read_json(path, "COCO captions JSON")
+        if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+            raise ValueError(
+                f"{path}: expected COCO caption annotations (an object with an 'annotations' list)."
+            )
+        for annotation in data["annotations"]:
+            try:
+                captions.setdefault(int(annotation["image_id"]), []).append(str(annotation["caption"]))
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(
+                    f"{path}: an annotation lacks 'image_id' or 'caption': {annotation!r}."
+                ) from None
+    images = []
+    for split, list_path in split_lists.items():
+        ids = read_split_list(list_path)
+        missing = [i for i in ids if i not in captions]
+        if missing:
+            raise ValueError(
+                f"{list_path}: {len(missing)} image id(s) of split '{split}' have no captions in the given files, "
+                f"e.g. {missing[:5]}. Pass the captions file that holds them."
+            )
+        images.extend(
+            ImageCaptions(i, split, captions[i], [tokenize_caption(c) for c in captions[i]]) for i in ids
+        )
+    return images
+
+
+def coco_references(images: Iterable[ImageCaptions]) -> dict:
+    """COCO-format ground truth (raw strings) for the official scorer."""
+    images = list(images)
+    annotations, next_id = [], 1
+    for image in images:
+        for caption in image.captions:
+            annotations.append({"image_id": image.image_id, "id": next_id, "caption": caption})
+            next_id += 1
+    return {
+        "info": {"description": "references written by updown"},
+        "images": [{"id": image.image_id} for image in images],
+        "annotations": annotations,
+        "type": "captions",
+        "licenses": [],
+    }
+
+
+def prepare_captions(
+    images: list[ImageCaptions],
+    output_dir: str | os.PathLike,
+    min_count: int = 5,
+    vocabulary_splits: Sequence[str] = ("train", "restval"),
+    evaluation_splits: Sequence[str] = ("val", "test"),
+    force: bool = True,
+) -> Vocabulary:
+    """Write ``captions.json``, ``vocabulary.json`` and ``references_<split>.json`` into ``output_dir``.
+
+    Raises:
+        ValueError: no images, an image with no captions or a caption with no tokens, or no vocabulary split.
+    """
+    output_dir = Path(output_dir)
+    if not images:
+        raise ValueError("No images to prepare: the input holds no captions for the requested splits.")
+    for image in images:
+        if not image.captions:
+            raise ValueError(f"Image {image.image_id} has no captions. Remove it or fix the captions file.")
+        for raw, tokens in zip(image.captions, image.tokens):
+            if not tokens:
+                raise ValueError(
+                    f"Image {image.image_id} has a caption with no words ({raw!r}). Remove or fix that caption."
+                )
+    counts = Counter(
+        w for image in images if image.split in vocabulary_splits for t in image.tokens for w in t
+    )
+    if not counts:
+        raise ValueError(
+            f"No captions in the vocabulary splits {list(vocabulary_splits)}; cannot build a vocabulary."
+        )
+    vocabulary = Vocabulary.from_counts(counts, min_count)
+    # Check every output can be written before writing any, so a bad split leaves no partial set.
+    by_split = {s: [i for i in images if i.split == s] for s in evaluation_splits}
+    write_json(
+        output_dir / "captions.json",
+        {
+            "images": [
+                {"image_id": i.image_id, "split": i.split, "captions": i.captions, "tokens": i.tokens}
+                for i in images
+            ]
+        },
+        force=force,
+    )
+    vocabulary.save(output_dir / "vocabulary.json")
+    for split, split_images in by_split.items():
+        if split_images:
+            write_json(output_dir / f"references_{split}.json", coco_references(split_images), force=force)
+    return vocabulary
+
+
+def read_prepared_captions(
+    captions_jsonpath: str | os.PathLike, splits: Sequence[str]
+) -> list[ImageCaptions]:
+    """The images of ``splits`` from a prepared ``captions.json``.
+
+    Raises:
+        ValueError: malformed file, or no image in the requested splits.
+    """
+    data = read_json(captions_jsonpath, "prepared captions JSON")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(
+            f"{captions_jsonpath}: expected an object with an 'images' list. Write it with tools/prepare_captions.py."
+        )
+    images = []
+    for position, item in enumerate(data["images"]):
+        try:
+            image = ImageCaptions(
+                int(item["image_id"]), str(item["split"]), list(item["captions"]), list(item["tokens"])
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"{captions_jsonpath}: images[{position}] lacks 'image_id', 'split', 'captions' or 'tokens'. "
+                "Write the file with tools/prepare_captions.py."
+            ) from None
+        if image.split in splits:
+            if not image.tokens or any(not t for t in image.tokens):
+                raise ValueError(
+                    f"{captions_jsonpath}: image {image.image_id} has a caption with no tokens. "
+                    "Fix or drop that caption and prepare again."
+                )
+            images.append(image)
+    if not images:
+        raise ValueError(f"{captions_jsonpath}: no images in split(s) {list(splits)}. Check the split names.")
+    return images
