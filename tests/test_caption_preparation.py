@@ -3,8 +3,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REALDATA
+
 from updown.data.caption_preparation import (
     ImageCaptions,
     load_coco_captions,

@@ -6,9 +6,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import write_features
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import write_features
 from updown.data.datasets import collate_regions
 from updown.data.readers import RegionFeatures, spatial_features
 
