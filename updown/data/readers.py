@@ -9,6 +9,7 @@ per process, because h5py handles do not survive ``fork`` into DataLoader worker
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,7 @@ class _FeatureFile:
             self.grid_shape = (
                 tuple(int(x) for x in h5.attrs["grid_shape"]) if "grid_shape" in h5.attrs else None
             )
+            self.attrs = dict(h5.attrs)
             self.extras = {name: h5[name][()] for name in _per_box_extras(h5, self.layout)}
             if check_finite:
                 self._check_finite(h5)
@@ -250,6 +252,7 @@ class RegionFeatures:
         self.max_boxes = max(f.max_boxes for f in self.files)
         grids = {f.grid_shape for f in self.files}
         self.grid_shape = grids.pop() if len(grids) == 1 else None
+        self.region_category_names = _category_names(self.files)
         self._index: dict[int, tuple[int, int]] = {}
         for file_index, f in enumerate(self.files):
             for row, image_id in enumerate(f.image_ids.tolist()):
@@ -308,3 +311,15 @@ class RegionFeatures:
         if name not in f.extras:
             raise KeyError(f"{f.h5path}: no per-box dataset '{name}'; found {sorted(f.extras)}.")
         return f.extras[name][row, : int(f.num_boxes[row])]
+
+
+def _category_names(files: list[_FeatureFile]) -> list[str] | None:
+    """Names of ``region_category`` values, when every file labels its regions (the synthetic world does)."""
+    names = {
+        tuple(json.loads(f.attrs["region_category_names"]))
+        for f in files
+        if "region_category_names" in f.attrs
+    }
+    if len(names) != 1 or not all("region_category" in f.extras for f in files):
+        return None
+    return list(names.pop())

@@ -39,7 +39,7 @@ from updown.data.writers import RegionFeaturesWriter
 from updown.io import atomic_output, write_json
 
 # Bump when the generated content or layout changes, so old caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 
 
@@ -253,7 +253,10 @@ def write_raw_world(
         extras=("region_object", "region_category"),
         grid_shape=grid_shape,
         force=True,
-        attrs={"source": f"updown synthetic world {spec.key()}"},
+        attrs={
+            "source": f"updown synthetic world {spec.key()}",
+            "region_category_names": json.dumps(CATEGORIES),
+        },
     )
     with writer, Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("Generating the synthetic world", total=num_images)
