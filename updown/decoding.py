@@ -1,0 +1,396 @@
+"""Greedy decoding, sampling and batched beam search over a step function.
+
+Every function here drives a ``step(tokens, state) -> (logprobs, state, attention)`` callable, such as
+:meth:`updown.models.captioner.UpDownCaptioner.step`:
+
+- ``tokens``: ``(N,)`` int64, the previous token of each row (``<bos>`` first);
+- ``state``: a dict of tensors whose first dimension is ``N``; decoding repeats and reorders its rows
+  with ``index_select``, so it must hold nothing else;
+- ``logprobs``: ``(N, V)`` log-probabilities of the next token (a normalised distribution, so every
+  value is <= 0: beam search relies on scores never increasing when it stops early);
+- ``attention``: ``(N, R)`` attention weights behind this prediction. A step may return only
+  ``(logprobs, state)``; the output's ``attention`` is then None.
+
+Generated sequences never contain ``<pad>`` or ``<bos>``. Every output holds ``max_length`` columns: the
+tokens after ``<bos>``, ``<eos>`` included, then ``<pad>``; a row that has not produced ``<eos>`` after
+``max_length`` tokens is cut there. Rows are processed independently, so a row's result does not depend
+on which other images share its batch. Time steps are a Python loop; images and beams never are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+State = dict[str, torch.Tensor]
+StepFunction = Callable[..., tuple]
+
+
+@dataclass
+class DecodingOutput:
+    """Decoded sequences, one row per image (or per sample for :func:`sample_decode`).
+
+    Attributes:
+        tokens: ``(N, max_length)`` int64 tokens after ``<bos>``, ending with ``<eos>``, padded.
+        logprobs: ``(N,)`` sum of ``token_logprobs`` over the sequence.
+        token_logprobs: ``(N, max_length)`` log-probability of each token, 0 on padding.
+        lengths: ``(N,)`` int64 number of tokens including ``<eos>``.
+        scores: ``(N,)`` the score sequences were ranked by: ``logprobs`` divided by the length penalty
+            for :func:`beam_search`, equal to ``logprobs`` otherwise.
+        attention: ``(N, max_length, R)`` attention weights per generated token, 0 on padding; None
+            when the step function returns no attention.
+    """
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    token_logprobs: torch.Tensor
+    lengths: torch.Tensor
+    scores: torch.Tensor
+    attention: torch.Tensor | None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """``(N, max_length)`` bool, True for the tokens up to and including ``<eos>``."""
+        positions = torch.arange(self.tokens.size(1), device=self.tokens.device)
+        return positions.unsqueeze(0) < self.lengths.unsqueeze(1)
+
+
+def state_batch_size(state: State) -> int:
+    """Number of rows of a decoding state; raises ValueError when the state is empty or ragged."""
+    sizes = {key: value.size(0) for key, value in state.items() if isinstance(value, torch.Tensor)}
+    if not state or len(sizes) != len(state) or len(set(sizes.values())) != 1:
+        raise ValueError(
+            f"decoding: the state must be a non-empty dict of tensors sharing their first (batch) dimension, "
+            f"got sizes {sizes} for keys {list(state)}; keep other values out of the state."
+        )
+    return next(iter(sizes.values()))
+
+
+def reorder_state(state: State, index: torch.Tensor) -> State:
+    """Select (and repeat or reorder) rows of every tensor of ``state``; ``index`` is ``(N',)`` int64."""
+    return {key: value.index_select(0, index) for key, value in state.items()}
+
+
+def repeat_state(state: State, times: int) -> State:
+    """Repeat every row ``times`` times, copies adjacent: row ``i`` becomes rows ``i * times .. (i + 1) * times - 1``."""
+    return {key: value.repeat_interleave(times, dim=0) for key, value in state.items()}
+
+
+def _call_step(
+    step: StepFunction, tokens: torch.Tensor, state: State
+) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+    result = step(tokens, state)
+    if len(result) == 2:
+        return result[0], result[1], None
+    return result[0], result[1], result[2]
+
+
+def _banned_tokens(
+    history: torch.Tensor,
+    vocabulary_size: int,
+    always_banned: Sequence[int],
+    block_repeated_words: bool = False,
+    repeatable_tokens: Sequence[int] = (),
+    block_trigrams: bool = False,
+) -> torch.Tensor:
+    """``(N, V)`` bool, True for the tokens each row may not produce next, given its ``(N, t)`` history."""
+    num_rows, length = history.shape
+    banned = torch.zeros(num_rows, vocabulary_size, dtype=torch.bool, device=history.device)
+    banned[:, list(always_banned)] = True
+    if block_repeated_words and length > 0:
+        repeated = torch.zeros_like(banned).scatter_(1, history, True)
+        repeated[:, list(repeatable_tokens)] = False
+        banned |= repeated
+    if block_trigrams and length >= 3:
+        # Trigram (h[j], h[j+1], h[j+2]) starts with the current last two tokens -> h[j+2] would repeat it.
+        matches = (history[:, : length - 2] == history[:, length - 2 : length - 1]) & (
+            history[:, 1 : length - 1] == history[:, length - 1 :]
+        )
+        # Non-matching positions point at an always-banned token, so scatter_ needs no second mask.
+        targets = torch.where(matches, history[:, 2:], always_banned[0])
+        banned.scatter_(1, targets, True)
+    return banned
+
+
+def _pad_columns(tensor: torch.Tensor, length: int, value: float) -> torch.Tensor:
+    """Pad dimension 1 of ``tensor`` with ``value`` up to ``length``."""
+    missing = length - tensor.size(1)
+    if missing <= 0:
+        return tensor
+    padding = tensor.new_full((tensor.size(0), missing, *tensor.shape[2:]), value)
+    return torch.cat([tensor, padding], dim=1)
+
+
+def _check_lengths(max_length: int, **positive: int) -> None:
+    for name, value in {"max_length": max_length, **positive}.items():
+        if value < 1:
+            raise ValueError(f"decoding: {name} must be at least 1, got {value}.")
+
+
+def _decode_row_by_row(
+    step: StepFunction,
+    state: State,
+    choose: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    max_length: int,
+    bos_index: int,
+    eos_index: int,
+    pad_index: int,
+) -> DecodingOutput:
+    """Decode each row on its own; ``choose(logprobs (N, V), history (N, t))`` -> ``(tokens, logprobs)`` ``(N,)``."""
+    num_rows = state_batch_size(state)
+    device = next(iter(state.values())).device
+    tokens = torch.full((num_rows,), bos_index, dtype=torch.long, device=device)
+    finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
+    history = torch.zeros(num_rows, 0, dtype=torch.long, device=device)
+    all_logprobs, attentions = [], []
+    for _ in range(max_length):
+        logprobs, state, attention = _call_step(step, tokens, state)
+        tokens, token_logprobs = choose(logprobs, history)
+        tokens = tokens.masked_fill(finished, pad_index)
+        all_logprobs.append(token_logprobs.masked_fill(finished, 0.0))
+        attentions.append(None if attention is None else attention.masked_fill(finished.unsqueeze(1), 0.0))
+        history = torch.cat([history, tokens.unsqueeze(1)], dim=1)
+        finished = finished | (tokens == eos_index)
+        if bool(finished.all()):
+            break
+    # shape: (N, max_length)
+    history = _pad_columns(history, max_length, pad_index)
+    # shape: (N, max_length)
+    token_logprobs = _pad_columns(torch.stack(all_logprobs, dim=1), max_length, 0.0)
+    attention = None
+    if attentions[0] is not None:
+        # shape: (N, max_length, R)
+        attention = _pad_columns(torch.stack(attentions, dim=1), max_length, 0.0)
+    lengths = (history != pad_index).sum(dim=1)
+    sequence_logprobs = token_logprobs.sum(dim=1)
+    return DecodingOutput(history, sequence_logprobs, token_logprobs, lengths, sequence_logprobs, attention)
+
+
+@torch.no_grad()
+def greedy_decode(
+    step: StepFunction,
+    state: State,
+    *,
+    max_length: int = 20,
+    bos_index: int = 2,
+    eos_index: int = 3,
+    pad_index: int = 0,
+    unk_index: int = 1,
+    suppress_unk: bool = True,
+    block_repeated_words: bool = False,
+    repeatable_tokens: Sequence[int] = (),
+    block_trigrams: bool = False,
+) -> DecodingOutput:
+    """Pick the most likely allowed token at every step (the SCST greedy baseline; beam size 1).
+
+    Args:
+        step: the step function (see the module docstring).
+        state: the initial state, ``N`` rows (one per image).
+        max_length: most tokens to generate, ``<eos>`` included.
+        bos_index, eos_index, pad_index, unk_index: special token ids.
+        suppress_unk: never produce ``<unk>``.
+        block_repeated_words: never produce a token already in the sequence, except ``repeatable_tokens``.
+        repeatable_tokens: ids exempt from ``block_repeated_words`` (pass function words: "a", "the", "of").
+        block_trigrams: never produce a token that would repeat a trigram of the sequence.
+
+    Returns:
+        A :class:`DecodingOutput` with ``N`` rows; ``token_logprobs`` are the model's log-probabilities.
+    """
+    _check_lengths(max_length)
+    always_banned = [pad_index, bos_index] + ([unk_index] if suppress_unk else [])
+
+    def choose(logprobs: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        banned = _banned_tokens(
+            history, logprobs.size(1), always_banned, block_repeated_words, repeatable_tokens, block_trigrams
+        )
+        best_logprobs, tokens = logprobs.float().masked_fill(banned, float("-inf")).max(dim=1)
+        return tokens, best_logprobs
+
+    return _decode_row_by_row(step, state, choose, max_length, bos_index, eos_index, pad_index)
+
+
+def sample_decode(
+    step: StepFunction,
+    state: State,
+    *,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    max_length: int = 20,
+    bos_index: int = 2,
+    eos_index: int = 3,
+    pad_index: int = 0,
+    unk_index: int = 1,
+    suppress_unk: bool = False,
+    generator: torch.Generator | None = None,
+) -> DecodingOutput:
+    """Draw ``num_samples`` multinomial samples per image, keeping the graph for SCST.
+
+    The policy is the model's distribution renormalised over the allowed tokens (``<pad>``, ``<bos>``
+    and, if suppressed, ``<unk>`` removed); ``token_logprobs`` are that policy's log-probabilities at
+    temperature 1, with gradients, whatever ``temperature`` the tokens were drawn at.
+
+    Args:
+        step: the step function (see the module docstring).
+        state: the initial state, ``B`` rows (one per image).
+        num_samples: samples per image, ``k``.
+        temperature: divides the log-probabilities before sampling (< 1 sharpens, > 1 flattens).
+        max_length: most tokens to generate, ``<eos>`` included.
+        bos_index, eos_index, pad_index, unk_index: special token ids.
+        suppress_unk: never produce ``<unk>`` (off by default: the reward already discourages it).
+        generator: optional random generator, for reproducible samples.
+
+    Returns:
+        A :class:`DecodingOutput` with ``B * k`` rows, image-major (rows ``i * k .. i * k + k - 1`` are
+        the samples of image ``i``).
+    """
+    _check_lengths(max_length, num_samples=num_samples)
+    if not temperature > 0.0:
+        raise ValueError(f"sample_decode: temperature must be positive, got {temperature}.")
+    always_banned = [pad_index, bos_index] + ([unk_index] if suppress_unk else [])
+
+    def choose(logprobs: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        banned = torch.zeros_like(logprobs, dtype=torch.bool)
+        banned[:, always_banned] = True
+        policy = torch.log_softmax(logprobs.float().masked_fill(banned, float("-inf")), dim=1)
+        probabilities = torch.softmax(policy.detach() / temperature, dim=1)
+        tokens = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+        return tokens, policy.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+    state = repeat_state(state, num_samples)
+    return _decode_row_by_row(step, state, choose, max_length, bos_index, eos_index, pad_index)
+
+
+def gnmt_length_penalty(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GNMT length penalty ``((5 + length) / 6) ** alpha`` (Wu et al. 2016); 1 everywhere when alpha is 0."""
+    return ((5.0 + lengths.float()) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def beam_search(
+    step: StepFunction,
+    state: State,
+    *,
+    beam_size: int = 5,
+    max_length: int = 20,
+    length_penalty: float = 0.0,
+    block_repeated_words: bool = False,
+    repeatable_tokens: Sequence[int] = (),
+    block_trigrams: bool = False,
+    suppress_unk: bool = True,
+    bos_index: int = 2,
+    eos_index: int = 3,
+    pad_index: int = 0,
+    unk_index: int = 1,
+) -> DecodingOutput:
+    """Batched beam search returning the best sequence per image.
+
+    All images advance together as ``B * beam_size`` rows. A hypothesis that produced ``<eos>`` keeps
+    its slot and continues with ``<pad>`` at no cost, so finished and unfinished hypotheses compete for
+    the ``beam_size`` slots (as in AllenNLP and VirTex); with beam size 1 this is exactly greedy decoding.
+    Hypotheses are ranked by ``sum of log-probabilities / ((5 + length) / 6) ** length_penalty`` (the
+    GNMT penalty of Wu et al. 2016, ``length`` counting ``<eos>``): 0 ranks by the plain sum, which
+    favours short captions; 1 is close to dividing by the length. Search stops once, for every image, a
+    finished hypothesis scores at least what any unfinished one could still reach.
+
+    Args:
+        step: the step function (see the module docstring).
+        state: the initial state, ``B`` rows (one per image).
+        beam_size: hypotheses kept per image.
+        max_length: most tokens to generate, ``<eos>`` included.
+        length_penalty: GNMT ``alpha`` (see above).
+        block_repeated_words: never produce a token already in the hypothesis, except ``repeatable_tokens``.
+        repeatable_tokens: ids exempt from ``block_repeated_words`` (pass function words: "a", "the", "of").
+        block_trigrams: never produce a token that would repeat a trigram of the hypothesis.
+        suppress_unk: never produce ``<unk>``.
+        bos_index, eos_index, pad_index, unk_index: special token ids.
+
+    Returns:
+        A :class:`DecodingOutput` with ``B`` rows: ``logprobs`` is the best hypothesis' sum of
+        log-probabilities, ``scores`` its length-penalised score, ``attention`` the weights of each of its
+        steps.
+    """
+    _check_lengths(max_length, beam_size=beam_size)
+    num_images = state_batch_size(state)
+    num_rows = num_images * beam_size
+    state = repeat_state(state, beam_size)
+    device = next(iter(state.values())).device
+    always_banned = [pad_index, bos_index] + ([unk_index] if suppress_unk else [])
+    row_offsets = torch.arange(num_images, device=device).unsqueeze(1) * beam_size
+
+    def penalised(sums: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return sums if length_penalty == 0.0 else sums / gnmt_length_penalty(lengths, length_penalty)
+
+    tokens = torch.full((num_rows,), bos_index, dtype=torch.long, device=device)
+    # Only the first copy of each image starts alive, so the first step does not fill the beam with
+    # beam_size copies of one hypothesis.
+    # shape: (num_images, beam_size)
+    sums = torch.full((num_images, beam_size), float("-inf"), device=device)
+    sums[:, 0] = 0.0
+    lengths = torch.zeros(num_images, beam_size, dtype=torch.long, device=device)
+    finished = torch.zeros(num_images, beam_size, dtype=torch.bool, device=device)
+    history = torch.zeros(num_rows, 0, dtype=torch.long, device=device)
+    history_logprobs = torch.zeros(num_rows, 0, device=device)
+    history_attention: torch.Tensor | None = None
+    for _ in range(max_length):
+        logprobs, state, attention = _call_step(step, tokens, state)
+        vocabulary_size = logprobs.size(1)
+        banned = _banned_tokens(
+            history, vocabulary_size, always_banned, block_repeated_words, repeatable_tokens, block_trigrams
+        )
+        logprobs = logprobs.float().masked_fill(banned, float("-inf"))
+        pad_only = torch.full((vocabulary_size,), float("-inf"), device=device)
+        pad_only[pad_index] = 0.0
+        # shape: (num_images, beam_size, vocabulary_size)
+        logprobs = torch.where(finished.view(num_rows, 1), pad_only, logprobs).view(num_images, beam_size, -1)
+        candidate_sums = sums.unsqueeze(2) + logprobs
+        candidate_lengths = (lengths + (~finished).long()).unsqueeze(2)
+        candidate_scores = penalised(candidate_sums, candidate_lengths).view(num_images, -1)
+        # shape: (num_images, beam_size)
+        _, chosen = candidate_scores.topk(beam_size, dim=1)
+        beams, tokens = chosen // vocabulary_size, chosen % vocabulary_size
+        sums = candidate_sums.view(num_images, -1).gather(1, chosen)
+        lengths = candidate_lengths.expand_as(candidate_sums).reshape(num_images, -1).gather(1, chosen)
+        was_finished = finished.gather(1, beams)
+        # Hypotheses at -inf are placeholders (fewer allowed continuations than slots): mark them done.
+        finished = was_finished | (tokens == eos_index) | torch.isinf(sums)
+
+        rows = (beams + row_offsets).view(num_rows)
+        tokens = tokens.view(num_rows)
+        state = reorder_state(state, rows)
+        history = torch.cat([history.index_select(0, rows), tokens.unsqueeze(1)], dim=1)
+        chosen_logprobs = logprobs.view(num_images, -1).gather(1, chosen).view(num_rows, 1)
+        history_logprobs = torch.cat([history_logprobs.index_select(0, rows), chosen_logprobs], dim=1)
+        if attention is not None:
+            # shape: (num_rows, 1, num_boxes)
+            step_attention = attention.index_select(0, rows).masked_fill(was_finished.view(num_rows, 1), 0.0)
+            previous = [] if history_attention is None else [history_attention.index_select(0, rows)]
+            history_attention = torch.cat([*previous, step_attention.unsqueeze(1)], dim=1)
+
+        # Log-probabilities are <= 0, so an unfinished hypothesis can at best keep its sum and take the
+        # most favourable length; once a finished one beats that bound everywhere, nothing can change.
+        scores = penalised(sums, lengths)
+        best_finished = scores.masked_fill(~finished, float("-inf")).amax(dim=1)
+        most_favourable = torch.maximum(
+            gnmt_length_penalty(lengths + 1, length_penalty),
+            gnmt_length_penalty(torch.full_like(lengths, max_length), length_penalty),
+        )
+        bound = (sums / most_favourable).masked_fill(finished, float("-inf")).amax(dim=1)
+        if bool((best_finished >= bound).all()):
+            break
+
+    scores = penalised(sums, lengths)
+    best = scores.argmax(dim=1)
+    rows = best + row_offsets.squeeze(1)
+    attention_out = None
+    if history_attention is not None:
+        attention_out = _pad_columns(history_attention.index_select(0, rows), max_length, 0.0)
+    return DecodingOutput(
+        tokens=_pad_columns(history.index_select(0, rows), max_length, pad_index),
+        logprobs=sums.gather(1, best.unsqueeze(1)).squeeze(1),
+        token_logprobs=_pad_columns(history_logprobs.index_select(0, rows), max_length, 0.0),
+        lengths=lengths.gather(1, best.unsqueeze(1)).squeeze(1),
+        scores=scores.gather(1, best.unsqueeze(1)).squeeze(1),
+        attention=attention_out,
+    )

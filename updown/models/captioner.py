@@ -1,0 +1,246 @@
+"""The bottom-up top-down captioner of Anderson et al. (2018), as a plain ``nn.Module``.
+
+Training calls :meth:`UpDownCaptioner.forward` (teacher forcing); decoding calls :meth:`init_state` once
+and then :meth:`step` once per token through the functions of :mod:`updown.decoding`, for example::
+
+    state = model.init_state(batch["image_features"], batch["image_features_mask"])
+    output = beam_search(model.step, state, beam_size=5, max_length=model.max_caption_length)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from updown.modules.updown_cell import UpDownCell
+
+
+class UpDownCaptioner(nn.Module):
+    """Two-LSTM captioner attending over region features; ``p(y_t) = softmax(W_p h2_t + b_p)``.
+
+    Args:
+        vocabulary_size: ``V``, number of tokens including the special ones.
+        image_feature_size: ``D``, size of one region feature (2048 for bottom-up features).
+        embedding_size: size of the word embedding ``W_e`` (1000 in the paper).
+        hidden_size: size of both LSTMs (1000 in the paper).
+        attention_size: size of the attention's projection space (512 in the paper).
+        dropout: dropout probability on ``h2_t`` before ``W_p`` (0 disables it).
+        max_caption_length: default number of tokens (including ``<eos>``) decoding may generate.
+        pad_index: id of ``<pad>``; its embedding stays zero.
+        bos_index: id of ``<bos>``, the first input token.
+        eos_index: id of ``<eos>``.
+        unk_index: id of ``<unk>`` (kept so decoding can suppress it).
+        feature_encoder: optional module ``forward(features (B, R, D), mask (B, R)) -> (B, R, D)``
+            applied to the region features first (e.g. an SE or Non-local block).
+    """
+
+    def __init__(
+        self,
+        vocabulary_size: int,
+        image_feature_size: int = 2048,
+        embedding_size: int = 1000,
+        hidden_size: int = 1000,
+        attention_size: int = 512,
+        dropout: float = 0.0,
+        max_caption_length: int = 20,
+        pad_index: int = 0,
+        bos_index: int = 2,
+        eos_index: int = 3,
+        unk_index: int = 1,
+        feature_encoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        special = {
+            "pad_index": pad_index,
+            "bos_index": bos_index,
+            "eos_index": eos_index,
+            "unk_index": unk_index,
+        }
+        for name, index in special.items():
+            if not 0 <= index < vocabulary_size:
+                raise ValueError(
+                    f"UpDownCaptioner: {name}={index} is outside the vocabulary of size {vocabulary_size}; "
+                    f"pass the ids of your vocabulary's special tokens."
+                )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"UpDownCaptioner: dropout must be in [0, 1), got {dropout}.")
+        if max_caption_length < 1:
+            raise ValueError(
+                f"UpDownCaptioner: max_caption_length must be at least 1, got {max_caption_length}."
+            )
+        self.vocabulary_size = vocabulary_size
+        self.image_feature_size = image_feature_size
+        self.max_caption_length = max_caption_length
+        self.pad_index, self.bos_index, self.eos_index, self.unk_index = (
+            pad_index,
+            bos_index,
+            eos_index,
+            unk_index,
+        )
+
+        self.feature_encoder = feature_encoder
+        self.embedding = nn.Embedding(vocabulary_size, embedding_size, padding_idx=pad_index)
+        self.cell = UpDownCell(image_feature_size, embedding_size, hidden_size, attention_size)
+        self.dropout = nn.Dropout(dropout)
+        self.output = nn.Linear(hidden_size, vocabulary_size)
+
+    def _check_features(self, image_features: torch.Tensor, image_features_mask: torch.Tensor) -> None:
+        if image_features.dim() != 3 or image_features.size(-1) != self.image_feature_size:
+            raise ValueError(
+                f"UpDownCaptioner: image_features must be (batch_size, num_boxes, {self.image_feature_size}), "
+                f"got {tuple(image_features.shape)}; set image_feature_size to your features' size."
+            )
+        if image_features_mask.dtype != torch.bool or image_features_mask.shape != image_features.shape[:2]:
+            raise ValueError(
+                f"UpDownCaptioner: image_features_mask must be bool of shape {tuple(image_features.shape[:2])} "
+                f"(True = real box), got {image_features_mask.dtype} {tuple(image_features_mask.shape)}."
+            )
+
+    def init_state(
+        self,
+        image_features: torch.Tensor,
+        image_features_mask: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Encode the images once and return the decoding state before the first token.
+
+        Args:
+            image_features: ``(num_images, num_boxes, image_feature_size)``.
+            image_features_mask: ``(num_images, num_boxes)`` bool, True for a real box.
+            image_index: optional ``(batch_size,)`` int64 mapping each output row to its image, so each
+                image is encoded and projected once however many captions it has. Without it, row ``i``
+                is image ``i``.
+
+        Returns:
+            A dict of tensors, each with ``batch_size`` as its first dimension (so decoding can reorder
+            or repeat rows with ``index_select``): the image context of
+            :meth:`updown.modules.updown_cell.UpDownCell.precompute` plus zero LSTM states.
+        """
+        self._check_features(image_features, image_features_mask)
+        if self.feature_encoder is not None:
+            image_features = self.feature_encoder(image_features, image_features_mask)
+        image = self.cell.precompute(image_features, image_features_mask)
+        if image_index is not None:
+            num_images = image_features.size(0)
+            if image_index.dim() != 1 or image_index.dtype != torch.long:
+                raise ValueError(
+                    f"UpDownCaptioner: image_index must be a 1-D int64 tensor, got {image_index.dtype} "
+                    f"{tuple(image_index.shape)}."
+                )
+            if image_index.numel() and not 0 <= int(image_index.min()) <= int(image_index.max()) < num_images:
+                raise ValueError(
+                    f"UpDownCaptioner: image_index has values outside [0, {num_images}) for {num_images} images."
+                )
+            image = {key: value.index_select(0, image_index) for key, value in image.items()}
+        batch_size = image["image_features"].size(0)
+        return {**image, **self.cell.init_hidden(batch_size, image["mean_feature_gates"])}
+
+    def _advance(
+        self, tokens: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """One step of the cell; returns ``(h2_t, new state, attention)`` without the output layer."""
+        output, hidden, attention = self.cell(self.embedding(tokens), state, state)
+        return output, {**state, **hidden}, attention
+
+    def step(
+        self, tokens: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Predict the next token's distribution from the previous token.
+
+        Args:
+            tokens: ``(batch_size,)`` int64, the previous token (``<bos>`` at the first step).
+            state: the state from :meth:`init_state` or the previous :meth:`step`.
+
+        Returns:
+            ``(logprobs, state, attention)``: ``logprobs`` ``(batch_size, vocabulary_size)``, the new
+            state (same keys), and the attention weights ``(batch_size, num_boxes)`` used for this token.
+        """
+        if tokens.dim() != 1 or tokens.size(0) != state["image_features"].size(0):
+            raise ValueError(
+                f"UpDownCaptioner.step: tokens must be (batch_size,) = ({state['image_features'].size(0)},), "
+                f"got {tuple(tokens.shape)}."
+            )
+        output, state, attention = self._advance(tokens, state)
+        logprobs = torch.log_softmax(self.output(self.dropout(output)), dim=-1)
+        return logprobs, state, attention
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        image_features_mask: torch.Tensor,
+        caption_tokens: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+        scheduled_sampling_probability: float = 0.0,
+    ) -> dict[str, torch.Tensor]:
+        """Teacher-forced pass: input ``caption_tokens[:, :-1]`` predicts targets ``caption_tokens[:, 1:]``.
+
+        Args:
+            image_features: ``(num_images, num_boxes, image_feature_size)``; ``num_images`` equals
+                ``batch_size`` unless ``image_index`` is given.
+            image_features_mask: ``(num_images, num_boxes)`` bool, True for a real box.
+            caption_tokens: ``(batch_size, max_length)`` int64, ``<bos> w_1 .. w_n <eos> <pad> ..``.
+            image_index: optional ``(batch_size,)`` int64, the image of each caption (see :meth:`init_state`).
+            scheduled_sampling_probability: probability (Bengio et al. 2015) of feeding, from the second
+                step on, a token sampled from the model's previous prediction instead of the ground truth
+                (per caption and step; in training mode only, evaluation always teacher-forces).
+
+        Returns:
+            A dict with ``logits`` ``(batch_size, max_length - 1, vocabulary_size)`` and ``attention``
+            ``(batch_size, max_length - 1, num_boxes)``.
+        """
+        if caption_tokens.dim() != 2 or caption_tokens.size(1) < 2:
+            raise ValueError(
+                f"UpDownCaptioner: caption_tokens must be (batch_size, max_length >= 2) starting with <bos>, "
+                f"got {tuple(caption_tokens.shape)}."
+            )
+        if image_index is None and caption_tokens.size(0) != image_features.size(0):
+            raise ValueError(
+                f"UpDownCaptioner: {caption_tokens.size(0)} captions but {image_features.size(0)} images; "
+                f"pass image_index to map captions to images."
+            )
+        if image_index is not None and image_index.shape != caption_tokens.shape[:1]:
+            raise ValueError(
+                f"UpDownCaptioner: image_index must have one entry per caption ({caption_tokens.size(0)}), "
+                f"got shape {tuple(image_index.shape)}."
+            )
+        if (
+            caption_tokens.numel()
+            and not 0 <= int(caption_tokens.min()) <= int(caption_tokens.max()) < self.vocabulary_size
+        ):
+            raise ValueError(
+                f"UpDownCaptioner: caption_tokens hold ids outside [0, {self.vocabulary_size}); the vocabulary "
+                f"does not match the model's vocabulary_size."
+            )
+        if not 0.0 <= scheduled_sampling_probability <= 1.0:
+            raise ValueError(
+                f"UpDownCaptioner: scheduled_sampling_probability must be in [0, 1], got "
+                f"{scheduled_sampling_probability}."
+            )
+        state = self.init_state(image_features, image_features_mask, image_index)
+        input_tokens = caption_tokens[:, :-1]
+        sampling = self.training and scheduled_sampling_probability > 0.0
+
+        outputs, attentions, logits = [], [], []
+        for time_step in range(input_tokens.size(1)):
+            tokens = input_tokens[:, time_step]
+            if sampling and time_step > 0:
+                previous = torch.softmax(logits[-1].detach(), dim=-1)
+                sampled = torch.multinomial(previous, 1).squeeze(1)
+                replace = torch.rand(tokens.shape, device=tokens.device) < scheduled_sampling_probability
+                tokens = torch.where(replace, sampled, tokens)
+            output, state, attention = self._advance(tokens, state)
+            outputs.append(output)
+            attentions.append(attention)
+            if sampling:
+                logits.append(self.output(self.dropout(output)))
+
+        if sampling:
+            # shape: (batch_size, max_length - 1, vocabulary_size)
+            all_logits = torch.stack(logits, dim=1)
+        else:
+            # One large matrix product over all steps is faster than one per step.
+            # shape: (batch_size, max_length - 1, vocabulary_size)
+            all_logits = self.output(self.dropout(torch.stack(outputs, dim=1)))
+        # shape: (batch_size, max_length - 1, num_boxes)
+        attention = torch.stack(attentions, dim=1)
+        return {"logits": all_logits, "attention": attention}
