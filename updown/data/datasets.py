@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
@@ -120,22 +121,35 @@ class CaptionTrainingDataset(Dataset):
 
 
 class CaptionEvaluationDataset(Dataset):
-    """One item per image with its raw reference strings (scored by the official protocol)."""
+    """One item per image with its raw reference strings (scored by the official protocol).
+
+    When the feature file labels its regions (the synthetic world does), items also carry each region's
+    object category, so attention grounding can be measured.
+    """
 
     def __init__(self, features: RegionFeatures, images: Sequence[ImageCaptions]) -> None:
         self.features = features
         self.image_ids = [image.image_id for image in images]
         self.references = [image.captions for image in images]
+        self.labelled = features.region_category_names is not None
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, index: int) -> tuple[RegionFeature, list[str]]:
-        return self.features[self.image_ids[index]], self.references[index]
+    def __getitem__(self, index: int) -> tuple[RegionFeature, list[str], np.ndarray | None]:
+        image_id = self.image_ids[index]
+        categories = self.features.extra(image_id, "region_category") if self.labelled else None
+        return self.features[image_id], self.references[index], categories
 
     @staticmethod
     def collate(items) -> dict:
-        """:func:`collate_regions` keys plus ``references``: B lists of raw strings."""
-        batch = collate_regions([regions for regions, _ in items])
-        batch["references"] = [references for _, references in items]
+        """:func:`collate_regions` keys plus ``references`` (B lists of raw strings) and, for labelled
+        regions, ``region_category (B, R)`` int64 (-1 for background and padding)."""
+        batch = collate_regions([regions for regions, _, _ in items])
+        batch["references"] = [references for _, references, _ in items]
+        if items[0][2] is not None:
+            categories = torch.full(batch["image_features_mask"].shape, -1, dtype=torch.long)
+            for row, (_, _, labels) in enumerate(items):
+                categories[row, : len(labels)] = torch.from_numpy(labels.astype(np.int64))
+            batch["region_category"] = categories
         return batch

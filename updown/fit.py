@@ -1,0 +1,90 @@
+"""``python -m updown.fit``: train any task from composable YAML configs (LightningCLI, subclass mode).
+
+    python -m updown.fit                                     # the synthetic captioning default
+    python -m updown.fit --config configs/captioning/updown_xe.yaml --trainer.max_epochs 3
+    python -m updown.fit --config A.yaml --config B.yaml     # later files override earlier ones
+    python -m updown.fit --config A.yaml --ckpt_path last    # resume the run in A's root dir
+
+With no ``--config`` / ``--model`` / ``--data`` it uses ``configs/captioning/synthetic.yaml``. The resolved
+config is saved as ``config.yaml`` in the run directory (``<trainer.default_root_dir>/lightning_logs/version_N``),
+with ``checkpoints/`` and the final ``metrics.json``. ``--debug`` shows tracebacks for user errors.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.cli import LightningCLI
+
+from updown.callbacks import MetricsReport
+from updown.cli import run_guarded
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = CONFIGS / "captioning" / "synthetic.yaml"
+
+
+class UpDownCLI(LightningCLI):
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # A rich progress bar unless the run turns progress bars off (Lightning refuses both at once).
+        if config.get("enable_progress_bar", True) is not False:
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--ckpt_path", type=str | None, default=None,
+            help="Resume training from this checkpoint ('last': the newest last.ckpt of this run's root dir).",
+        )  # fmt: skip
+
+
+def with_default_config(args: list[str]) -> list[str]:
+    """Prepend the synthetic default unless the arguments choose a config, a model or a datamodule."""
+    chooses = any(a.split("=")[0] in ("--config", "--model", "--data", "-c") for a in args)
+    return args if chooses or not DEFAULT_CONFIG.exists() else ["--config", str(DEFAULT_CONFIG), *args]
+
+
+def build_cli(args: list[str]) -> UpDownCLI:
+    return UpDownCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [MetricsReport()]},
+    )
+
+
+def resolve_ckpt_path(cli: UpDownCLI) -> str | None:
+    """``last`` -> the newest ``last.ckpt`` under the trainer's root dir; otherwise the path as given."""
+    ckpt_path = cli.config.get("ckpt_path")
+    if ckpt_path != "last":
+        if ckpt_path is not None and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: checkpoint not found. Check the path.")
+        return ckpt_path
+    root = Path(cli.trainer.default_root_dir)
+    candidates = sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root}. Start without --ckpt_path.")
+    return str(candidates[-1])
+
+
+def main(args: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in args
+    args = with_default_config([a for a in args if a != "--debug"])
+
+    def run() -> int:
+        cli = build_cli(args)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resolve_ckpt_path(cli))
+        return 0
+
+    return run_guarded("updown.fit", run, debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
