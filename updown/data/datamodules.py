@@ -103,6 +103,12 @@ class CaptioningDataModule(pl.LightningDataModule):
         self._resolve_paths()
         return Path(self.captions_jsonpath).parent / f"references_{split}.json"
 
+    def cider_df_path(self, eos_as_word: bool = False) -> Path:
+        """Where the synthetic world keeps the CIDEr-D document frequencies of its training references (real data:
+        write them with tools/build_cider_df.py and give the SCST task their path)."""
+        self._resolve_paths()
+        return Path(self.captions_jsonpath).parent / ("cider_df_eos.json" if eos_as_word else "cider_df.json")
+
     def setup(self, stage: str | None = None) -> None:
         self._resolve_paths()
         if self.features is None:

@@ -39,7 +39,7 @@ from updown.data.writers import RegionFeaturesWriter
 from updown.io import atomic_output, write_json
 
 # Bump when the generated content or layout changes, so old caches are not reused.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SPLITS = ("train", "val", "test")
 
 
@@ -355,6 +355,16 @@ def _write_tsv(path: Path, rows) -> None:
     write_original_tsv(path, images)
 
 
+def _write_cider_document_frequencies(images, captions_dir: Path) -> None:
+    """What ``tools/build_cider_df.py`` writes for real data: CIDEr-D document frequencies of the training
+    references, for the SCST reward, with and without ``<eos>`` as a word."""
+    from updown.metrics.cider import CiderD
+
+    references = {image.image_id: image.tokens for image in images if image.split == "train"}
+    for eos_as_word, name in ((False, "cider_df.json"), (True, "cider_df_eos.json")):
+        CiderD.from_references(references, eos_as_word=eos_as_word, cache_references=False).save(captions_dir / name)
+
+
 def default_data_root() -> Path:
     """``$UPDOWN_DATA`` if set, else the user cache folder (e.g. ``~/.cache/updown``)."""
     if os.environ.get("UPDOWN_DATA"):
@@ -389,7 +399,9 @@ def ensure_synthetic_world(
         shutil.rmtree(staging.root, ignore_errors=True)
         try:
             write_raw_world(spec, staging, progress=progress)
-            prepare_captions(load_karpathy(staging.dataset_coco_jsonpath), staging.captions_dir)
+            images = load_karpathy(staging.dataset_coco_jsonpath)
+            prepare_captions(images, staging.captions_dir)
+            _write_cider_document_frequencies(images, staging.captions_dir)
             with atomic_output(staging.root / "DONE") as tmp:
                 tmp.write_text(json.dumps(dataclasses.asdict(spec)))
             shutil.rmtree(world.root, ignore_errors=True)
