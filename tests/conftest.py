@@ -10,7 +10,8 @@ import pytest
 from updown.data.synthetic import SyntheticSpec, ensure_synthetic_world
 from updown.data.writers import RegionFeaturesWriter
 
-REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+ROOT = Path(__file__).resolve().parents[1]
+REALDATA = ROOT.parent / "shared" / "realdata"
 
 TINY_SPEC = SyntheticSpec(num_train=60, num_val=12, num_test=12, feature_size=32)
 
@@ -42,3 +43,32 @@ def write_features(
             writer.add(image_id, features, boxes, image_w=100.0, image_h=80.0)
             written[image_id] = (features, boxes)
     return written
+
+
+def tiny_captioning_args(root: Path, data_root: Path, *extra: str) -> list[str]:
+    """`updown.fit` arguments: the synthetic default config, shrunk to the tiny world and a tiny model."""
+    return [
+        "--config", str(ROOT / "configs" / "captioning" / "synthetic.yaml"),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.max_epochs", "2",
+        "--trainer.enable_progress_bar", "false",
+        "--model.init_args.embedding_size", "16",
+        "--model.init_args.hidden_size", "32",
+        "--model.init_args.attention_size", "16",
+        "--data.init_args.data_root", str(data_root),
+        "--data.init_args.synthetic.num_train", str(TINY_SPEC.num_train),
+        "--data.init_args.synthetic.num_val", str(TINY_SPEC.num_val),
+        "--data.init_args.synthetic.num_test", str(TINY_SPEC.num_test),
+        "--data.init_args.synthetic.feature_size", str(TINY_SPEC.feature_size),
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_captioning_run(tmp_path_factory, tiny_world):
+    """A 2-epoch captioning run on the tiny world; returns its run directory (config, metrics, checkpoints)."""
+    from updown.fit import main
+
+    root = tmp_path_factory.mktemp("captioning_run")
+    assert main(tiny_captioning_args(root, tiny_world.root.parent)) == 0
+    return root / "lightning_logs" / "version_0"

@@ -56,6 +56,8 @@ class CaptioningDataModule(pl.LightningDataModule):
         synthetic: SyntheticSpec | None = None,
     ) -> None:
         super().__init__()
+        # Stored in checkpoints, so prediction can find the data a checkpoint was trained on.
+        self.save_hyperparameters()
         if features_h5path is None and (captions_jsonpath or vocabulary_path):
             raise ValueError(
                 "data: captions_jsonpath / vocabulary_path were given without features_h5path. Give all three "
@@ -73,7 +75,9 @@ class CaptioningDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_caption_length = max_caption_length
         self.num_workers, self.in_memory = num_workers, in_memory
-        self.data_root, self.synthetic = data_root, synthetic
+        # Checkpoints store the spec as a plain dict.
+        self.data_root = data_root
+        self.synthetic = SyntheticSpec(**synthetic) if isinstance(synthetic, dict) else synthetic
         self.features: RegionFeatures | None = None
         self._vocabulary: Vocabulary | None = None
         self._datasets: dict = {}

@@ -111,6 +111,8 @@ class CaptioningTask(pl.LightningModule):
         )
 
     def configure_model(self) -> None:
+        if self._trainer is None:
+            return  # load_from_checkpoint outside a Trainer: on_load_checkpoint builds from the checkpoint
         datamodule = self.trainer.datamodule
         if not hasattr(datamodule, "vocabulary"):
             raise ValueError(
