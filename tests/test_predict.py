@@ -9,6 +9,7 @@ import numpy as np
 
 from updown.evaluate import main as evaluate_main
 from updown.predict import main
+from updown.visualize import caption_attention_figure, load_caption_attention
 
 
 def test_predicts_the_test_split_in_the_coco_results_format(tmp_path, tiny_captioning_run, tiny_world):
@@ -35,6 +36,12 @@ def test_predicts_the_test_split_in_the_coco_results_format(tmp_path, tiny_capti
             np.testing.assert_allclose(weights[row, : lengths[row], : num_boxes[row]].sum(axis=1), 1.0, atol=1e-5)
             assert np.all(weights[row, :, num_boxes[row]:] == 0)
         assert [c.decode() if isinstance(c, bytes) else c for c in f["captions"][()]][0] == results[0]["caption"]
+    # updown.visualize reads the same file and draws one panel per generated token.
+    data = load_caption_attention(attention)
+    words = [data["vocabulary"][t] for t in data["tokens"][0, : data["lengths"][0]]]
+    figure = caption_attention_figure(words, data["attention"][0], data["boxes"][0, : data["num_boxes"][0]],
+                                      image_size=(640, 480))
+    assert len(figure.axes) == data["lengths"][0]
 
 
 def test_bad_checkpoint_and_mismatched_vocabulary(tmp_path, tiny_captioning_run, tiny_world, capsys):
