@@ -54,3 +54,12 @@ def test_user_errors_exit_2_without_traceback(tmp_path, capsys):
     assert code == 2 and "absent.h5: region-feature file not found" in err and "Traceback" not in err
     assert main([*base, "--ckpt_path", str(tmp_path / "nope.ckpt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_same_seed_and_config_give_the_same_metrics(tmp_path, tiny_captioning_run, tiny_world):
+    assert main(tiny_captioning_args(tmp_path / "again", tiny_world.root.parent)) == 0
+    first = json.loads((tiny_captioning_run / "metrics.json").read_text())
+    second = json.loads((tmp_path / "again" / "lightning_logs" / "version_0" / "metrics.json").read_text())
+    assert {k: v for k, v in first.items() if k.startswith("val/")} == {
+        k: v for k, v in second.items() if k.startswith("val/")
+    }

@@ -49,14 +49,12 @@ def load_checkpoint(path: str) -> dict:
 
 def caption_datamodule(checkpoint: dict, args: argparse.Namespace):
     """The checkpoint's caption datamodule, with paths overridden from the command line."""
-    from updown.data.datamodules import CaptioningDataModule
+    from updown.data.datamodules import CaptioningDataModule, datamodule_from_checkpoint
 
-    arguments = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    overrides = {"features_h5path": args.features, "captions_jsonpath": args.captions, "vocabulary_path": args.vocabulary}
-    arguments.update({key: value for key, value in overrides.items() if value is not None})
-    arguments["eval_batch_size"] = args.batch_size
-    arguments["num_workers"] = args.num_workers
-    return CaptioningDataModule(**{k: v for k, v in arguments.items() if k in CaptioningDataModule.__init__.__code__.co_varnames})
+    return datamodule_from_checkpoint(
+        CaptioningDataModule, checkpoint, features_h5path=args.features, captions_jsonpath=args.captions,
+        vocabulary_path=args.vocabulary, eval_batch_size=args.batch_size, num_workers=args.num_workers,
+    )  # fmt: skip
 
 
 def predict_captions(args: argparse.Namespace) -> int:

@@ -19,6 +19,19 @@ from updown.data.synthetic import SyntheticSpec, ensure_synthetic_world
 from updown.data.vocabulary import Vocabulary
 
 
+def datamodule_from_checkpoint(datamodule_class: type, checkpoint: dict, **overrides):
+    """Rebuild the datamodule a checkpoint was trained with (its saved arguments), with ``overrides`` applied.
+
+    Arguments that are None in ``overrides`` keep the saved value; LightningCLI's bookkeeping keys are dropped.
+    """
+    import inspect
+
+    accepted = inspect.signature(datamodule_class.__init__).parameters
+    arguments = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if k in accepted}
+    arguments.update({k: v for k, v in overrides.items() if v is not None})
+    return datamodule_class(**arguments)
+
+
 class CaptioningDataModule(pl.LightningDataModule):
     """Captions with bottom-up region features.
 
