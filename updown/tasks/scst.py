@@ -1,0 +1,441 @@
+"""SCSTCaptioningTask: self-critical sequence training (Rennie et al. 2017) from an XE checkpoint.
+
+Per training image the policy draws ``k`` captions, each is rewarded with CIDEr-D against the image's
+TRAINING references (document frequencies of the training corpus, optionally plus BLEU-4), and the loss
+``-(r - b) * sum_t log p(w_t)`` over the tokens up to and including ``<eos>`` pushes up captions that beat
+their baseline ``b``. Baselines: ``mean_of_others`` (the mean reward of the image's other samples, the
+"new" SCST; default), ``greedy`` (the greedy decode's reward, Rennie et al.) or ``beam_mean`` (Anderson et
+al.: the ``k`` captions of a beam search are the samples and their mean reward is the baseline).
+
+Validation, scoring, checkpoint vocabulary handling and the optimiser recipes are the
+:class:`~updown.tasks.captioning.CaptioningTask`'s. Before the first step the task decodes the validation
+set once with the starting weights, so ``metrics.json`` records ``start/val/cider`` beside the final
+``val/cider`` (a manual pass in ``on_train_start`` rather than Lightning's sanity check, which logs nothing
+and depends on ``num_sanity_val_steps``; a resumed run takes the starting scores from its checkpoint).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+
+from updown.data.vocabulary import Vocabulary
+from updown.decoding import greedy_decode, reorder_state, repeat_state, sample_decode, state_batch_size
+from updown.losses import scst_loss
+from updown.metrics.cider import CiderD, ngram_counts
+from updown.tasks.captioning import CaptioningTask, check_vocabulary, gather_outputs
+
+BASELINES = ("mean_of_others", "greedy", "beam_mean")
+
+
+class SentenceBleu:
+    """Per-sentence BLEU-4 exactly as pycocoevalcap's ``BleuScorer`` reports it (``option="closest"``).
+
+    Each order's precision gets pycocoevalcap's smoothing ``(correct + 1e-15) / (guess + 1e-9)`` and the
+    brevity penalty multiplies the geometric mean, with the reference length closest to the hypothesis'
+    (ties: the shorter). References are cooked once per image (clipped n-gram counts and lengths).
+    """
+
+    def __init__(self, n: int = 4) -> None:
+        self.n = n
+        self._images: dict[Any, tuple[Counter, np.ndarray]] = {}
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._images
+
+    def add_references(self, key: Any, references: list[list[str]]) -> None:
+        max_counts: Counter = Counter()
+        for reference in references:
+            max_counts |= ngram_counts(reference, self.n)
+        self._images[key] = (max_counts, np.array([len(r) for r in references], dtype=np.float64))
+
+    def score(self, hypotheses: list[list[str]], keys: list[Any]) -> np.ndarray:
+        """``(N,)`` BLEU-n of each hypothesis (word lists) against the references cached for its key."""
+        # shape: (N, n)
+        correct = np.zeros((len(hypotheses), self.n))
+        test_lengths = np.array([len(words) for words in hypotheses], dtype=np.float64)
+        ref_lengths = np.zeros(len(hypotheses))
+        for row, (words, key) in enumerate(zip(hypotheses, keys)):
+            max_counts, lengths = self._images[key]
+            for gram, count in ngram_counts(words, self.n).items():
+                correct[row, len(gram) - 1] += min(count, max_counts.get(gram, 0))
+            distance = np.abs(lengths - test_lengths[row])
+            ref_lengths[row] = lengths[distance == distance.min()].min()
+        guess = np.maximum(test_lengths[:, None] - np.arange(self.n), 0.0)
+        precision = np.prod((correct + 1e-15) / (guess + 1e-9), axis=1) ** (1.0 / self.n)
+        ratio = (test_lengths + 1e-15) / (ref_lengths + 1e-9)
+        with np.errstate(over="ignore"):
+            brevity = np.where(ratio < 1.0, np.exp(1.0 - 1.0 / ratio), 1.0)
+        return precision * brevity
+
+
+@torch.no_grad()
+def beam_candidates(step, state, *, beam_size: int, max_length: int, vocabulary: Vocabulary) -> torch.Tensor:
+    """All ``beam_size`` final hypotheses of a beam search (plain log-probability, ``<unk>`` suppressed).
+
+    Finished hypotheses keep their slot and continue with ``<pad>`` at no cost, as in
+    :func:`updown.decoding.beam_search`; the vocabulary must allow more than ``beam_size`` words so no slot
+    is ever a placeholder.
+
+    Returns:
+        ``(B * beam_size, max_length)`` int64 tokens after ``<bos>``, image-major, ``<eos>`` then ``<pad>``.
+    """
+    num_images = state_batch_size(state)
+    num_rows = num_images * beam_size
+    state = repeat_state(state, beam_size)
+    device = next(iter(state.values())).device
+    pad, eos = vocabulary.pad_index, vocabulary.eos_index
+    offsets = torch.arange(num_images, device=device).unsqueeze(1) * beam_size
+    tokens = torch.full((num_rows,), vocabulary.bos_index, dtype=torch.long, device=device)
+    # shape: (B, beam_size); only the first copy starts alive so the beam does not hold k equal hypotheses
+    sums = torch.full((num_images, beam_size), float("-inf"), device=device)
+    sums[:, 0] = 0.0
+    finished = torch.zeros(num_images, beam_size, dtype=torch.bool, device=device)
+    history = torch.zeros(num_rows, 0, dtype=torch.long, device=device)
+    for _ in range(max_length):
+        result = step(tokens, state)
+        logprobs, state = result[0].float(), result[1]
+        logprobs[:, [pad, vocabulary.bos_index, vocabulary.unk_index]] = float("-inf")
+        pad_only = torch.full_like(logprobs[0], float("-inf"))
+        pad_only[pad] = 0.0
+        # shape: (B, beam_size, V)
+        logprobs = torch.where(finished.view(num_rows, 1), pad_only, logprobs).view(num_images, beam_size, -1)
+        sums, chosen = (sums.unsqueeze(2) + logprobs).view(num_images, -1).topk(beam_size, dim=1)
+        beams, next_tokens = chosen // logprobs.size(2), chosen % logprobs.size(2)
+        finished = finished.gather(1, beams) | (next_tokens == eos)
+        rows = (beams + offsets).view(num_rows)
+        tokens = next_tokens.view(num_rows)
+        state = reorder_state(state, rows)
+        history = torch.cat([history.index_select(0, rows), tokens.unsqueeze(1)], dim=1)
+        if bool(finished.all()):
+            break
+    padding = history.new_full((num_rows, max_length - history.size(1)), pad)
+    return torch.cat([history, padding], dim=1)
+
+
+def self_critical_baseline(reward: np.ndarray, kind: str, greedy_reward: np.ndarray | None = None) -> np.ndarray:
+    """The baseline of each sample.
+
+    Args:
+        reward: ``(B, k)`` rewards of the k samples of each image.
+        kind: "mean_of_others" (mean of the image's other k - 1 rewards), "beam_mean" (mean of all k) or
+            "greedy" (``greedy_reward`` of the image).
+        greedy_reward: ``(B,)`` rewards of the greedy captions, for "greedy".
+
+    Returns:
+        ``(B, k)`` baselines.
+    """
+    num_samples = reward.shape[1]
+    if kind == "mean_of_others":
+        return (reward.sum(axis=1, keepdims=True) - reward) / (num_samples - 1)
+    if kind == "beam_mean":
+        return np.repeat(reward.mean(axis=1, keepdims=True), num_samples, axis=1)
+    return np.repeat(greedy_reward[:, None], num_samples, axis=1)
+
+
+class SCSTCaptioningTask(CaptioningTask):
+    """Fine-tune the UpDown captioner with self-critical sequence training.
+
+    Args:
+        init_weights: the XE checkpoint whose weights start training (its vocabulary must be the data's).
+            Ignored when ``--ckpt_path`` resumes an SCST run.
+        num_samples: captions sampled (or beam hypotheses) per image, ``k``.
+        baseline: "mean_of_others" (needs k >= 2), "greedy" (greedy decode in eval mode, no graph, like
+            Rennie et al. and self-critical.pytorch) or "beam_mean" (the paper's variant: the k captions of a
+            beam search in eval mode are the samples, their log-probabilities recomputed with a graph).
+        sample_temperature: sampling temperature (log-probabilities in the loss stay at temperature 1).
+        cider_weight: weight of CIDEr-D in the reward.
+        bleu_weight: weight of sentence BLEU-4 in the reward (0: CIDEr-D only).
+        cider_df_path: CIDEr-D document frequencies of the training references (tools/build_cider_df.py);
+            None: the datamodule's ``cider_df_path(eos_as_word)`` (the synthetic world writes them).
+        eos_as_word: count ``<eos>`` as a word in the reward (the paper's Caffe code did not).
+        validate_at_start: decode the validation set before training to record ``start/val/*``.
+        embedding_size, hidden_size, attention_size, dropout, feature_encoder: as in the XE task; they must
+            match the ``init_weights`` checkpoint.
+        optimizer, learning_rate, momentum, weight_decay, lr_schedule, lr_step_size, lr_gamma: the SCST
+            optimiser (default: Adam 5e-5, constant).
+        beam_size, max_decoding_length, length_penalty, block_trigrams, spice, val_metrics: validation
+            decoding and scoring, as in the XE task; ``max_decoding_length`` also bounds the samples.
+    """
+
+    def __init__(
+        self,
+        init_weights: str | None = None,
+        num_samples: int = 5,
+        baseline: str = "mean_of_others",
+        sample_temperature: float = 1.0,
+        cider_weight: float = 1.0,
+        bleu_weight: float = 0.0,
+        cider_df_path: str | None = None,
+        eos_as_word: bool = False,
+        validate_at_start: bool = True,
+        embedding_size: int = 1000,
+        hidden_size: int = 1000,
+        attention_size: int = 512,
+        dropout: float = 0.0,
+        feature_encoder: str | None = None,
+        optimizer: str = "adam",
+        learning_rate: float = 5e-5,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
+        lr_step_size: int = 3,
+        lr_gamma: float = 0.8,
+        beam_size: int = 5,
+        max_decoding_length: int = 20,
+        length_penalty: float = 0.0,
+        block_trigrams: bool = False,
+        spice: str = "off",
+        val_metrics: tuple[str, ...] = ("Bleu", "METEOR", "ROUGE_L", "CIDEr"),
+    ) -> None:
+        if baseline not in BASELINES:
+            raise ValueError(f"model.init_args.baseline: {baseline!r} is not known; use one of {BASELINES}.")
+        if num_samples < 1 or (baseline == "mean_of_others" and num_samples < 2):
+            raise ValueError(
+                f"model.init_args.num_samples={num_samples}: baseline {baseline!r} needs at least "
+                f"{2 if baseline == 'mean_of_others' else 1} samples per image (the mean of the OTHER samples)."
+            )
+        if cider_weight < 0 or bleu_weight < 0 or cider_weight + bleu_weight == 0:
+            raise ValueError(
+                f"model.init_args: cider_weight={cider_weight} and bleu_weight={bleu_weight} must be >= 0 and "
+                "not both 0 (a negative weight would reward worse captions)."
+            )
+        super().__init__(
+            embedding_size=embedding_size, hidden_size=hidden_size, attention_size=attention_size,
+            dropout=dropout, feature_encoder=feature_encoder, optimizer=optimizer, learning_rate=learning_rate,
+            momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule, lr_step_size=lr_step_size,
+            lr_gamma=lr_gamma, beam_size=beam_size, max_decoding_length=max_decoding_length,
+            length_penalty=length_penalty, block_trigrams=block_trigrams, spice=spice, val_metrics=val_metrics,
+        )  # fmt: skip
+        self.extra_metrics: dict[str, float] = {}
+        self._resumed = False
+        self._cider: CiderD | None = None
+        self._bleu = SentenceBleu()
+        self._train_references: dict[int, list[list[str]]] | None = None
+        self._warned_no_signal = False
+        self._last_scores: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------ start of training
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.hparams.baseline == "beam_mean" and len(self.vocabulary) - 3 <= self.hparams.num_samples:
+            raise ValueError(
+                f"model.init_args.num_samples={self.hparams.num_samples}: beam_mean needs fewer beams than the "
+                f"{len(self.vocabulary) - 3} words of the vocabulary."
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._resumed = True
+        self.extra_metrics = dict(checkpoint.get("scst_start_metrics", {}))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["scst_start_metrics"] = {k: v for k, v in self.extra_metrics.items() if k.startswith("start/")}
+
+    def on_fit_start(self) -> None:
+        # After --ckpt_path restoration (configure_model runs before it), so a resumed run skips init_weights.
+        if not self._resumed:
+            if self.hparams.init_weights is None:
+                raise ValueError(
+                    "model.init_args.init_weights is required: SCST starts from an XE checkpoint "
+                    "(--model.init_args.init_weights XE.ckpt), or resume an SCST run with --ckpt_path."
+                )
+            vocabulary_path = getattr(self.trainer.datamodule, "vocabulary_path", None)
+            self.load_initial_weights(self.hparams.init_weights, str(vocabulary_path or "the data"))
+        self._cider = CiderD.load(self._cider_df_path(), eos_as_word=self.hparams.eos_as_word)
+
+    def load_initial_weights(self, path: str, data_source: str = "the data") -> None:
+        """Load the captioner weights of a captioning checkpoint, refusing another vocabulary or model size.
+
+        Args:
+            path: a checkpoint written by a updown captioning task.
+            data_source: what the current vocabulary came from, for the mismatch message.
+        """
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.init_args.init_weights {path}: checkpoint not found. Check the path.")
+        # Lightning checkpoints pickle their hyper-parameters too; load only checkpoints you trust (as --ckpt_path).
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(checkpoint, dict) or "vocabulary" not in checkpoint or "state_dict" not in checkpoint:
+            raise ValueError(f"init_weights {path}: not a updown captioning checkpoint (no vocabulary or state_dict).")
+        check_vocabulary(Vocabulary(checkpoint["vocabulary"]), self.vocabulary, f"init_weights {path}", data_source)
+        state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as error:
+            trained = checkpoint.get("hyper_parameters", {})
+            sizes = {k: trained.get(k) for k in ("embedding_size", "hidden_size", "attention_size", "feature_encoder")}
+            sizes["image_feature_size"] = checkpoint.get("image_feature_size")
+            raise ValueError(
+                f"init_weights {path}: its weights do not fit this model ({str(error).splitlines()[0]}). The "
+                f"checkpoint was trained with {sizes}; set the same sizes (put the XE config first: "
+                f"--config XE.yaml --config SCST.yaml)."
+            ) from None
+
+    def _cider_df_path(self) -> str:
+        path = self.hparams.cider_df_path
+        if path is None:
+            if not hasattr(self.trainer.datamodule, "cider_df_path"):
+                raise ValueError("model.init_args.cider_df_path is required for this datamodule.")
+            path = self.trainer.datamodule.cider_df_path(self.hparams.eos_as_word)
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"model.init_args.cider_df_path {path}: CIDEr-D document frequencies not found. Build them with "
+                f"tools/build_cider_df.py{' --eos-as-word' if self.hparams.eos_as_word else ''}."
+            )
+        return str(path)
+
+    def on_train_start(self) -> None:
+        # A resumed run keeps the starting scores its checkpoint recorded.
+        loader = self.trainer.val_dataloaders
+        if self._resumed or not self.hparams.validate_at_start or loader is None:
+            return
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        # The same batches (limit_val_batches) as every later validation, so start and final compare.
+        num_batches = self.trainer.num_val_batches[0] if self.trainer.num_val_batches else 0
+        if num_batches == 0:
+            return
+        self.eval()
+        with torch.no_grad():
+            for index, batch in enumerate(islice(loader, int(num_batches))):
+                self.validation_step(self.transfer_batch_to_device(batch, self.device, 0), index)
+        self.train()
+        scores = self.score_outputs(gather_outputs(self._outputs))
+        self._outputs = []
+        self.extra_metrics = {f"start/val/{key}": value for key, value in scores.items()}
+        if "cider" in scores:
+            self.print(f"SCST starts from val/cider {scores['cider']:.4f}")
+
+    def score_outputs(self, outputs: list[dict]) -> dict[str, float]:
+        self._last_scores = super().score_outputs(outputs)
+        return self._last_scores
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        start, final = self.extra_metrics.get("start/val/cider"), self._last_scores.get("cider")
+        if start and final is not None and not self.trainer.sanity_checking:
+            self.extra_metrics["gain/val/cider"] = final / start - 1.0
+
+    # ------------------------------------------------------------------------------------------- training
+    def _register_references(self, image_ids: list[int]) -> None:
+        """Cache each new image's training references (prepared tokens, as the df file counts them)."""
+        if self._train_references is None:
+            from updown.data.caption_preparation import read_prepared_captions
+
+            datamodule = self.trainer.datamodule
+            if not getattr(datamodule, "captions_jsonpath", None):
+                raise ValueError(
+                    f"SCST rewards captions against the prepared training references, but "
+                    f"{type(datamodule).__name__} has no captions_jsonpath; use a CaptioningDataModule."
+                )
+            images = read_prepared_captions(datamodule.captions_jsonpath, datamodule.train_splits)
+            self._train_references = {i.image_id: i.tokens for i in images}
+        for image_id in image_ids:
+            if image_id not in self._cider:
+                references = self._train_references.get(image_id)
+                if references is None:
+                    raise ValueError(f"SCST: training image {image_id} has no prepared references.")
+                self._cider.add_references(image_id, references)
+                if self.hparams.bleu_weight > 0:
+                    self._bleu.add_references(image_id, references)
+
+    def rewards(self, tokens: torch.Tensor, lengths: torch.Tensor, keys: list[int]) -> np.ndarray:
+        """``(N,)`` reward of each caption ``tokens (N, T)`` (``lengths`` with ``<eos>``) for image ``keys``."""
+        has_eos = (tokens == self.vocabulary.eos_index).any(dim=1)
+        names = self.vocabulary.tokens
+        words = [
+            [names[t] for t in row[:n]] for row, n in zip(tokens.tolist(), (lengths - has_eos.long()).tolist())
+        ]
+        h = self.hparams
+        reward = h.cider_weight * self._cider.score(words, keys)
+        if h.bleu_weight > 0:
+            reward = reward + h.bleu_weight * self._bleu.score(words, keys)
+        if not np.isfinite(reward).all():
+            raise ValueError(
+                f"SCST: {int((~np.isfinite(reward)).sum())} non-finite rewards; check the CIDEr-D document "
+                f"frequencies (model.init_args.cider_df_path) and the reward weights."
+            )
+        return reward
+
+    def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+        h, vocabulary = self.hparams, self.vocabulary
+        image_ids = batch["image_id"].tolist()
+        self._register_references(image_ids)
+        k, num_images = h.num_samples, len(image_ids)
+        features, mask = batch["image_features"], batch["image_features_mask"]
+        specials = {
+            "bos_index": vocabulary.bos_index, "eos_index": vocabulary.eos_index,
+            "pad_index": vocabulary.pad_index, "unk_index": vocabulary.unk_index,
+        }  # fmt: skip
+        if h.baseline == "beam_mean":
+            # The candidates are what the model decodes at test time (eval mode, no graph), like the greedy baseline.
+            self.model.eval()
+            state = self.model.init_state(features, mask)
+            tokens = beam_candidates(
+                self.model.step, state, beam_size=k, max_length=h.max_decoding_length, vocabulary=vocabulary
+            )
+            self.model.train()
+            # shape: (B * k, T + 1) the hypotheses after <bos>, teacher-forced to get their log-probs with a graph
+            inputs = torch.cat([tokens.new_full((tokens.size(0), 1), vocabulary.bos_index), tokens], dim=1)
+            image_index = torch.arange(num_images, device=tokens.device).repeat_interleave(k)
+            logits = self.model(features, mask, inputs, image_index=image_index)["logits"]
+            token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens.unsqueeze(2)).squeeze(2)
+            lengths = (tokens != vocabulary.pad_index).sum(dim=1)
+        else:
+            state = self.model.init_state(features, mask)
+            sample = sample_decode(
+                self.model.step, state, num_samples=k, temperature=h.sample_temperature,
+                max_length=h.max_decoding_length, **specials,
+            )  # fmt: skip
+            tokens, token_logprobs, lengths = sample.tokens, sample.token_logprobs, sample.lengths
+        # shape: (B, k)
+        reward = self.rewards(tokens, lengths, np.repeat(image_ids, k).tolist()).reshape(num_images, k)
+        greedy = self._greedy_rewards(features, mask, image_ids, specials) if h.baseline == "greedy" else None
+        baseline = self_critical_baseline(reward, h.baseline, greedy)
+        advantage = reward - baseline
+        loss = scst_loss(
+            token_logprobs,
+            torch.arange(tokens.size(1), device=tokens.device) < lengths.unsqueeze(1),
+            torch.as_tensor(advantage.reshape(-1), dtype=torch.float32, device=tokens.device),
+        )
+        self._log_step(loss, reward, baseline, advantage, tokens, lengths)
+        return loss
+
+    def _greedy_rewards(self, features, mask, image_ids: list[int], specials: dict) -> np.ndarray:
+        """``(B,)`` reward of each image's greedy caption, decoded in eval mode (no dropout) without a graph."""
+        self.model.eval()
+        with torch.no_grad():
+            state = self.model.init_state(features, mask)
+            greedy = greedy_decode(self.model.step, state, max_length=self.hparams.max_decoding_length, **specials)
+        self.model.train()
+        return self.rewards(greedy.tokens, greedy.lengths, image_ids)
+
+    def _log_step(self, loss, reward, baseline, advantage, tokens, lengths) -> None:
+        has_eos = (tokens == self.vocabulary.eos_index).any(dim=1)
+        # Images whose samples all tie with their baseline give no gradient: a collapsed policy shows here.
+        no_signal = np.all(np.abs(advantage) < 1e-9, axis=1)
+        if no_signal.all() and not self._warned_no_signal:
+            self._warned_no_signal = True
+            rank_zero_warn(
+                "SCST: every sample of a batch got exactly its baseline's reward, so the loss is 0 (no learning "
+                "signal). If train/zero_advantage_fraction stays near 1 the policy has collapsed: raise "
+                "sample_temperature, lower learning_rate, or restart from the XE checkpoint."
+            )
+        values = {
+            "train/loss": float(loss.detach()),
+            "train/reward": float(reward.mean()),
+            "train/baseline": float(baseline.mean()),
+            "train/advantage": float(advantage.mean()),
+            "train/advantage_abs": float(np.abs(advantage).mean()),
+            "train/sample_length": float((lengths - has_eos.long()).float().mean()),
+            "train/no_eos_fraction": float((~has_eos).float().mean()),
+            "train/zero_advantage_fraction": float(no_signal.mean()),
+        }
+        for key, value in values.items():
+            self.log(key, value, prog_bar=key in ("train/reward", "train/loss"), batch_size=reward.shape[0])
