@@ -72,3 +72,4 @@ class VQABatch(RegionBatch):
     question_lengths: torch.Tensor
     answer_scores: torch.Tensor
     answers: list[list[str]]
+    answer_types: list[str | None]  # B official answer types ("yes/no", "number", "other"); None without annotations

@@ -88,6 +88,7 @@ class VQADataset(Dataset):
                 )
         batch["answer_scores"] = scores
         batch["answers"] = [list(q.answers) for q in questions]
+        batch["answer_types"] = [q.answer_type for q in questions]
         return batch
 
 
