@@ -1,0 +1,236 @@
+"""Image-text retrieval data: shuffled (image, caption) pairs to train on, 5-caption image sets to evaluate.
+
+The files are the captioning ones (prepared ``captions.json``, ``vocabulary.json``, region features; the
+synthetic world by default), read through :class:`~updown.data.datamodules.CaptioningDataModule`.
+
+Training follows VSE++ / SCAN / BFAN: one item per (image, caption) pair, shuffled, so an epoch sees every
+caption once and a batch of B pairs gives the (B, B) similarity matrix of the ranking loss. A batch may
+hold two captions of the same image (a few per batch on the synthetic world, rare on COCO); their pair is
+a true match, not a negative, so :func:`updown.tasks.retrieval.retrieval_loss` masks every same-image
+pair out of the negatives by ``image_id``. Masking, unlike a sampler that forbids repeats, keeps plain
+shuffling, which Lightning's distributed sampler can shard.
+
+Evaluation uses every image of the split with exactly ``captions_per_image`` captions (its first ones;
+COCO images have 5 to 7, SCAN's and BFAN's files keep 5), captions listed in image order, so the
+similarity matrix has the layout of :mod:`updown.metrics.retrieval`: caption ``j`` belongs to image
+``j // captions_per_image``.
+
+Captions are encoded with ``<bos>`` and ``<eos>``, as SCAN's vocabulary wraps them in ``<start>`` and
+``<end>`` (BFAN reads SCAN's files).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from updown.data.caption_preparation import ImageCaptions, read_prepared_captions
+from updown.data.datamodules import CaptioningDataModule
+from updown.data.datasets import collate_regions, pad_sequences
+from updown.data.readers import RegionFeature, RegionFeatures
+from updown.data.synthetic import SyntheticSpec
+from updown.data.vocabulary import Vocabulary
+
+
+class RetrievalPairDataset(Dataset):
+    """One item per (image, caption) pair: up to ``captions_per_image`` captions of every image.
+
+    Args:
+        features: the region-feature reader.
+        images: images with their tokenised captions.
+        vocabulary: maps words to indices; unknown words become ``<unk>``.
+        captions_per_image: captions used per image (the first ones).
+        max_caption_length: words kept per caption (``<bos>`` and ``<eos>`` are added around them).
+    """
+
+    def __init__(
+        self,
+        features: RegionFeatures,
+        images: Sequence[ImageCaptions],
+        vocabulary: Vocabulary,
+        captions_per_image: int = 5,
+        max_caption_length: int = 64,
+    ) -> None:
+        self.features = features
+        self.pairs = [
+            (image.image_id, vocabulary.encode(tokens[:max_caption_length]))
+            for image in images
+            for tokens in image.tokens[:captions_per_image]
+        ]
+        self.pad_index = vocabulary.pad_index
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[RegionFeature, list[int]]:
+        image_id, caption = self.pairs[index]
+        return self.features[image_id], caption
+
+    def collate(self, items) -> dict:
+        """Batch B pairs; row ``i`` of the regions and caption ``i`` match.
+
+        Returns:
+            :func:`~updown.data.datasets.collate_regions` keys (``image_id (B,)`` tells repeated images
+            apart) plus ``caption_tokens (B, T)`` int64 and ``caption_lengths (B,)`` int64 (with ``<bos>``
+            and ``<eos>``).
+        """
+        batch = collate_regions([regions for regions, _ in items])
+        batch["caption_tokens"], batch["caption_lengths"] = pad_sequences(
+            [caption for _, caption in items], self.pad_index
+        )
+        return batch
+
+
+class RetrievalEvaluationDataset(Dataset):
+    """One item per image with exactly ``captions_per_image`` captions, for the all-pairs similarity matrix.
+
+    Args:
+        features: the region-feature reader.
+        images: the split's images with their tokenised captions.
+        vocabulary: maps words to indices.
+        captions_per_image: captions kept per image (the first ones); an image with fewer is an error.
+        max_caption_length: words kept per caption.
+        source: the captions file, named in errors.
+    """
+
+    def __init__(
+        self,
+        features: RegionFeatures,
+        images: Sequence[ImageCaptions],
+        vocabulary: Vocabulary,
+        captions_per_image: int = 5,
+        max_caption_length: int = 64,
+        source: str = "captions",
+    ) -> None:
+        short = [image.image_id for image in images if len(image.tokens) < captions_per_image]
+        if short:
+            raise ValueError(
+                f"{source}: {len(short)} image(s) of the evaluation split have fewer than "
+                f"{captions_per_image} captions (e.g. image {short[0]}); retrieval recall needs the same "
+                "number for every image. Lower data.captions_per_image or drop those images when preparing "
+                "the captions."
+            )
+        self.features = features
+        self.image_ids = [image.image_id for image in images]
+        self.captions = [
+            [vocabulary.encode(tokens[:max_caption_length]) for tokens in image.tokens[:captions_per_image]]
+            for image in images
+        ]
+        self.pad_index = vocabulary.pad_index
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> tuple[int, RegionFeature, list[list[int]]]:
+        return index, self.features[self.image_ids[index]], self.captions[index]
+
+    def collate(self, items) -> dict:
+        """Stack B images once and list their k captions each, in image order.
+
+        Returns:
+            :func:`~updown.data.datasets.collate_regions` keys, ``caption_tokens (B * k, T)`` and
+            ``caption_lengths (B * k,)`` (caption ``j`` of the batch belongs to image ``j // k``), and
+            ``dataset_index (B,)`` int64, each image's position in the split (restores the order after
+            distributed ranks are gathered).
+        """
+        batch = collate_regions([regions for _, regions, _ in items])
+        captions = [caption for _, _, image_captions in items for caption in image_captions]
+        batch["caption_tokens"], batch["caption_lengths"] = pad_sequences(captions, self.pad_index)
+        batch["dataset_index"] = torch.tensor([index for index, _, _ in items], dtype=torch.long)
+        return batch
+
+
+class RetrievalDataModule(CaptioningDataModule):
+    """Caption data served for image-text retrieval (see the module docstring for what a batch holds).
+
+    Args:
+        features_h5path: region-feature HDF5 file(s) holding every image of the splits used. None: the
+            synthetic world.
+        captions_jsonpath: prepared ``captions.json`` (tools/prepare_captions.py).
+        vocabulary_path: ``vocabulary.json`` written beside it.
+        train_splits: splits trained on (Karpathy: train + restval, as SCAN's 113,287 training images).
+        val_split: split scored during training (COCO: Karpathy val, 5000 images).
+        test_split: split scored by ``test`` (COCO: Karpathy test, 5000 images, the 1K and 5K protocols).
+        batch_size: (image, caption) pairs per training batch (BFAN: 128).
+        eval_batch_size: images per evaluation batch, each with its ``captions_per_image`` captions.
+        captions_per_image: captions per image, at most in training and exactly in evaluation (COCO: 5).
+        max_caption_length: words kept per caption; long enough that COCO captions stay whole, as in BFAN.
+        num_workers: DataLoader worker processes (a machine setting).
+        in_memory: load all features into memory once.
+        data_root: where the synthetic world is cached (default ``$UPDOWN_DATA`` or the user cache dir).
+        synthetic: parameters of the synthetic world, used when ``features_h5path`` is None.
+    """
+
+    def __init__(
+        self,
+        features_h5path: str | list[str] | None = None,
+        captions_jsonpath: str | None = None,
+        vocabulary_path: str | None = None,
+        train_splits: list[str] | None = None,
+        val_split: str = "val",
+        test_split: str = "test",
+        batch_size: int = 128,
+        eval_batch_size: int = 100,
+        captions_per_image: int = 5,
+        max_caption_length: int = 64,
+        num_workers: int = 0,
+        in_memory: bool = False,
+        data_root: str | None = None,
+        synthetic: SyntheticSpec | None = None,
+    ) -> None:
+        super().__init__(
+            features_h5path=features_h5path,
+            captions_jsonpath=captions_jsonpath,
+            vocabulary_path=vocabulary_path,
+            train_splits=train_splits,
+            val_split=val_split,
+            test_split=test_split,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            max_caption_length=max_caption_length,
+            num_workers=num_workers,
+            in_memory=in_memory,
+            data_root=data_root,
+            synthetic=synthetic,
+        )
+        # Again here, so the checkpoint's datamodule arguments include captions_per_image.
+        self.save_hyperparameters()
+        if captions_per_image < 1:
+            raise ValueError(f"data: captions_per_image={captions_per_image} must be at least 1 (COCO: 5).")
+        if max_caption_length < 1:
+            raise ValueError(f"data: max_caption_length={max_caption_length} must be at least 1.")
+        self.captions_per_image = captions_per_image
+
+    def setup(self, stage: str | None = None) -> None:
+        self._resolve_paths()
+        if self.features is None:
+            self.features = RegionFeatures(self.features_h5path, in_memory=self.in_memory)
+        if stage in ("fit", None) and "train" not in self._datasets:
+            images = read_prepared_captions(self.captions_jsonpath, self.train_splits)
+            self.features.check_ids([i.image_id for i in images], self.captions_jsonpath)
+            self._datasets["train"] = RetrievalPairDataset(
+                self.features, images, self.vocabulary, self.captions_per_image, self.max_caption_length
+            )
+        # The parent adds the evaluation splits through evaluation_dataset (below); "train" exists already.
+        super().setup(stage)
+
+    def evaluation_dataset(self, split: str) -> RetrievalEvaluationDataset:
+        """One item per image of ``split`` with its first ``captions_per_image`` captions."""
+        images = read_prepared_captions(self.captions_jsonpath, [split])
+        self.features.check_ids([i.image_id for i in images], self.captions_jsonpath)
+        return RetrievalEvaluationDataset(
+            self.features,
+            images,
+            self.vocabulary,
+            self.captions_per_image,
+            self.max_caption_length,
+            source=f"{self.captions_jsonpath} (split {split!r})",
+        )
+
+    def num_evaluation_images(self, split: str) -> int:
+        """Images scored on ``split`` (after :meth:`setup`); the 1K / 5K protocols need 5000."""
+        if split not in self._datasets:
+            self._datasets[split] = self.evaluation_dataset(split)
+        return len(self._datasets[split])
