@@ -66,19 +66,23 @@ def loader_rate(path: Path, in_memory: bool, workers: int, batch_size: int, repe
 
 
 def ceiling_rate(images: int, batch_size: int, repeats: int) -> float:
+    """The same work as the loader's collate, minus the reader: per-row copies of in-memory arrays into a
+    fresh batch tensor, then the same touch. Best of two passes (the first warms the allocator)."""
     source = np.random.default_rng(0).random((images, BOXES, DIM), dtype=np.float32)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        order = np.random.permutation(images)
-        for first in range(0, images, batch_size):
-            rows = order[first : first + batch_size]
-            # torch's allocator (as the collate uses), so both sides pay the same page faults.
-            batch = torch.empty((len(rows), BOXES, DIM), dtype=torch.float32)
-            batch_np = batch.numpy()
-            for j, row in enumerate(rows):
-                batch_np[j] = source[row]
-            batch.sum()
-    return repeats * images / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            order = np.random.permutation(images)
+            for first in range(0, images, batch_size):
+                rows = order[first : first + batch_size]
+                batch = torch.zeros((len(rows), BOXES, DIM), dtype=torch.float32)
+                batch_np = batch.numpy()
+                for j, row in enumerate(rows):
+                    batch_np[j] = source[row]
+                batch.sum()
+        best = max(best, repeats * images / (time.perf_counter() - start))
+    return best
 
 
 def main(argv=None) -> int:

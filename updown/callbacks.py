@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
 from rich.console import Console
 from rich.table import Table
 
@@ -44,3 +45,16 @@ class MetricsReport(pl.Callback):
         console = Console()
         console.print(table)
         console.print(f"Written to {path}")
+
+
+def checkpoint_callbacks(monitor: str) -> list[ModelCheckpoint]:
+    """The best checkpoint by ``monitor`` (first, so ``trainer.checkpoint_callback`` reports it) and ``last.ckpt``
+    rewritten after every validation, for ``--ckpt_path last``.
+
+    ``ModelCheckpoint(save_last=True)`` alone rewrites ``last.ckpt`` only when the best improves (Lightning 2.6),
+    so resuming would silently restart from the best epoch.
+    """
+    return [
+        ModelCheckpoint(monitor=monitor, mode="max", filename="best-{epoch}-{step}"),
+        ModelCheckpoint(monitor=None, save_top_k=1, filename="last"),
+    ]

@@ -75,14 +75,14 @@ def draw_regions(
         if top_k is not None:
             order = order[:top_k]
         # Shade relative to the largest weight, so a peaked and a flat distribution both stay readable.
-        alphas = 0.75 * weights / max(float(weights.max()), 1e-12)
+        alphas = 0.45 * weights / max(float(weights.max()), 1e-12)
     for rank, index in enumerate(order[::-1]):
         x1, y1, x2, y2 = boxes[index]
         alpha = float(alphas[index])
         ax.add_patch(
             Rectangle(
                 (x1, y1), x2 - x1, y2 - y1,
-                facecolor=(*ATTENTION_COLOUR, alpha), edgecolor=(*ATTENTION_COLOUR, max(alpha, 0.35)),
+                facecolor=(*ATTENTION_COLOUR, alpha), edgecolor=(*ATTENTION_COLOUR, max(2 * alpha, 0.5)),
                 linewidth=2.0 if weights is not None and rank == len(order) - 1 else 1.0,
             )
         )  # fmt: skip

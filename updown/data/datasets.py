@@ -8,6 +8,7 @@ once per image instead of once per caption (5x less work at COCO's 5 captions pe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,10 +54,13 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
     (Lightning's and PyTorch's default collate do the same; without it every batch is copied once more.)
     """
-    tensor = torch.zeros(shape, dtype=dtype)
-    if get_worker_info() is not None:
-        tensor.share_memory_()
-    return tensor
+    if get_worker_info() is None:
+        return torch.zeros(shape, dtype=dtype)
+    # Allocate straight in shared memory (as torch's default_collate does): share_memory_() on a tensor
+    # would allocate, zero and then copy it.
+    numel = math.prod(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).new(storage).resize_(shape).zero_()
 
 
 def pad_sequences(

@@ -150,6 +150,8 @@ class VQADataModule(pl.LightningDataModule):
         synthetic: SyntheticSpec | None = None,
     ) -> None:
         super().__init__()
+        # Stored in checkpoints, so prediction and notebooks can find the data a checkpoint was trained on.
+        self.save_hyperparameters()
         if (features_h5path is None) != (prepared_dir is None):
             raise ValueError(
                 "data: give features_h5path and prepared_dir (from tools/prepare_vqa.py) together for real data, "
@@ -160,7 +162,9 @@ class VQADataModule(pl.LightningDataModule):
         self.val_split, self.test_split = val_split, test_split
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.in_memory = num_workers, in_memory
-        self.data_root, self.synthetic = data_root, synthetic
+        self.data_root = data_root
+        # Checkpoints store the spec as a plain dict.
+        self.synthetic = SyntheticSpec(**synthetic) if isinstance(synthetic, dict) else synthetic
         self.features: RegionFeatures | None = None
         self._question_vocabulary: Vocabulary | None = None
         self._answer_vocabulary: AnswerVocabulary | None = None

@@ -12,8 +12,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.callbacks import ModelCheckpoint
 
+from updown.callbacks import checkpoint_callbacks
 from updown.data.vocabulary import Vocabulary
 from updown.decoding import beam_search
 from updown.losses import sequence_cross_entropy
@@ -141,8 +141,7 @@ class CaptioningTask(pl.LightningModule):
             check_vocabulary(vocabulary, self.vocabulary, "the checkpoint", "the data")
 
     def configure_callbacks(self):
-        # The best checkpoint by the monitored metric, plus last.ckpt for --ckpt_path last.
-        return [ModelCheckpoint(monitor=self.monitor, mode="max", save_last=True, filename="best-{epoch}-{step}")]
+        return checkpoint_callbacks(self.monitor)
 
     # -------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:

@@ -21,8 +21,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import ModelCheckpoint
 
+from updown.callbacks import checkpoint_callbacks
 from updown.data.vocabulary import Vocabulary
 from updown.losses import hardest_negative_ranking_loss
 from updown.metrics.retrieval import coco_5k_metrics, retrieval_metrics
@@ -242,13 +242,7 @@ class RetrievalTask(pl.LightningModule):
             check_vocabulary(vocabulary, self.vocabulary, "the checkpoint", "the data")
 
     def configure_callbacks(self):
-        # The best checkpoint by rsum (first: MetricsReport reports it), and last.ckpt after EVERY validation
-        # for --ckpt_path last. ModelCheckpoint(save_last=True) alone rewrites last.ckpt only when the best
-        # improves (Lightning 2.6), so resuming would silently restart from the best epoch.
-        return [
-            ModelCheckpoint(monitor=self.monitor, mode="max", filename="best-{epoch}-{step}"),
-            ModelCheckpoint(monitor=None, save_top_k=1, filename="last"),
-        ]
+        return checkpoint_callbacks(self.monitor)
 
     # -------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:

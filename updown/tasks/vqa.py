@@ -18,8 +18,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 
+from updown.callbacks import checkpoint_callbacks
 from updown.data.vocabulary import AnswerVocabulary, Vocabulary
 from updown.losses import soft_score_bce
 from updown.metrics.vqa_accuracy import VQAAccuracy
@@ -193,10 +193,7 @@ class VQATask(pl.LightningModule):
             check_answer_vocabulary(answer_vocabulary, self.answer_vocabulary, "the checkpoint", "the data")
 
     def configure_callbacks(self):
-        # The best checkpoint by the monitored metric, plus last.ckpt for --ckpt_path last.
-        return [
-            ModelCheckpoint(monitor=self.monitor, mode="max", save_last=True, filename="best-{epoch}-{step}")
-        ]
+        return checkpoint_callbacks(self.monitor)
 
     # -------------------------------------------------------------------------------------------- training
     def _logits(self, model: UpDownVQA, batch: dict) -> torch.Tensor:
