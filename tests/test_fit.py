@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, tiny_captioning_args
+
 from updown.fit import main
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
