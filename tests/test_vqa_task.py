@@ -166,3 +166,33 @@ def test_question_only_baseline_leaves_the_model_gradients_alone(datamodule):
         for (name, p), q in zip(expected.named_parameters(), model.parameters()):
             assert p.grad is not None and q.grad is not None, name
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_predict_vqa_writes_official_results_and_attention(fitted_run, tmp_path):
+    """`python -m updown.predict vqa`: results JSON scored by the official-format evaluation, attention HDF5."""
+    import h5py
+    import numpy as np
+
+    from updown.evaluate import main as evaluate_main
+    from updown.predict import main as predict_main
+
+    checkpoint = fitted_run / "checkpoints" / "last.ckpt"
+    output, attention, scores = tmp_path / "results.json", tmp_path / "attention.h5", tmp_path / "scores.json"
+    assert predict_main(["vqa", "--checkpoint", str(checkpoint), "--split", "val", "--output", str(output),
+                         "--attention", str(attention), "--score", str(scores)]) == 0
+    results = json.loads(output.read_text())
+    assert all(set(r) == {"question_id", "answer"} for r in results)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    from updown.data.datamodules import datamodule_from_checkpoint
+
+    data = datamodule_from_checkpoint(VQADataModule, saved)
+    assert evaluate_main(["vqa", "--questions", str(data.questions_jsonpath("val")), "--annotations",
+                          str(data.annotations_jsonpath("val")), "--results", str(output),
+                          "--output", str(tmp_path / "official.json")]) == 0
+    assert json.loads(scores.read_text()) == json.loads((tmp_path / "official.json").read_text())
+    with h5py.File(attention) as f:
+        weights, num_boxes = f["attention"][()], f["num_boxes"][()]
+        assert len(weights) == len(results)
+        for row in range(len(weights)):
+            np.testing.assert_allclose(weights[row, : num_boxes[row]].sum(), 1.0, atol=1e-5)
+            assert np.all(weights[row, num_boxes[row]:] == 0)

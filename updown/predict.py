@@ -18,6 +18,13 @@ features). ``--attention`` saves per-word attention as HDF5 (read by ``updown.vi
 | ``boxes`` | (N, R, 4) float32 | region boxes in pixels |
 | ``captions`` | (N,) str | the decoded caption |
 File attribute ``vocabulary``: the JSON list of tokens.
+
+    python -m updown.predict vqa --checkpoint runs/.../best.ckpt --split test-dev --output vqa_test-dev.json \
+        [--attention attention_test-dev.h5] [--score scores.json]
+
+writes the official VQA results JSON ``[{"question_id": int, "answer": str}]``; ``--attention`` saves
+``question_id (N,)``, ``image_id (N,)``, ``attention (N, R)``, ``num_boxes (N,)``, ``boxes (N, R, 4)``, ``questions``
+and ``answers`` (N strings each); ``--score`` scores an annotated split with the official metric.
 """
 
 from __future__ import annotations
@@ -130,6 +137,84 @@ def write_caption_attention(path: str, rows: list, vocabulary_tokens: list[str])
             start = end
 
 
+def predict_vqa(args: argparse.Namespace) -> int:
+    from rich.progress import track
+    from torch.utils.data import DataLoader
+
+    from updown.data.datamodules import datamodule_from_checkpoint
+    from updown.data.vqa_data import VQADataModule
+    from updown.tasks.vqa import VQATask
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    if "answer_vocabulary" not in checkpoint and "question_vocabulary" not in checkpoint:
+        raise ValueError(f"{args.checkpoint}: not a VQA checkpoint (no vocabularies stored).")
+    task = VQATask.load_from_checkpoint(args.checkpoint, map_location="cpu")
+    task.eval().to(args.device)
+    datamodule = datamodule_from_checkpoint(
+        VQADataModule, checkpoint, features_h5path=args.features, prepared_dir=args.prepared,
+        eval_batch_size=args.batch_size, num_workers=args.num_workers,
+    )  # fmt: skip
+    task.check_vocabularies(datamodule.question_vocabulary, datamodule.answer_vocabulary, f"the data ({datamodule.prepared_dir})")
+    dataset = datamodule.dataset(args.split)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=dataset.collate)
+    results, rows = [], []
+    with torch.no_grad():
+        for batch in track(loader, description=f"Answering {args.split}", transient=True):
+            inputs = {key: batch[key].to(args.device) for key in
+                      ("image_features", "image_features_mask", "question_tokens", "question_lengths")}
+            output = task.model(**inputs)
+            answers = task.answers_of(output["logits"])
+            results.extend({"question_id": q, "answer": a} for q, a in zip(batch["question_id"].tolist(), answers))
+            if args.attention:
+                rows.append((batch, output["attention"].float().cpu(), answers))
+    write_json(args.output, results)
+    print(f"{len(results)} answers of split '{args.split}' -> {args.output}", file=sys.stderr)
+    if args.attention:
+        write_question_attention(args.attention, rows, [q.question for q in dataset.questions])
+        print(f"question attention -> {args.attention}", file=sys.stderr)
+    if args.score:
+        from updown.io import read_json
+        from updown.metrics.vqa_accuracy import evaluate_vqa
+
+        annotations = datamodule.annotations_jsonpath(args.split)
+        if annotations is None:
+            raise ValueError(f"--score: split '{args.split}' has no annotations; submit {args.output} to the server.")
+        questions = read_json(datamodule.questions_jsonpath(args.split), "VQA questions JSON")
+        scores = evaluate_vqa(questions, read_json(annotations, "VQA annotations JSON"), results, task.hparams.normalization)
+        write_json(args.score, scores, indent=2)
+        print(json.dumps({"overall": scores["overall"], "perAnswerType": scores["perAnswerType"]}, indent=2))
+    return 0
+
+
+def write_question_attention(path: str, rows: list, questions: list[str]) -> None:
+    """Per-question attention as HDF5 (layout in the module docstring), atomically."""
+    import h5py
+
+    max_boxes = max(batch["image_features_mask"].size(1) for batch, _, _ in rows)
+    total = sum(len(answers) for _, _, answers in rows)
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        datasets = {
+            "question_id": f.create_dataset("question_id", (total,), "int64"),
+            "image_id": f.create_dataset("image_id", (total,), "int64"),
+            "attention": f.create_dataset("attention", (total, max_boxes), "float32"),
+            "num_boxes": f.create_dataset("num_boxes", (total,), "int32"),
+            "boxes": f.create_dataset("boxes", (total, max_boxes, 4), "float32"),
+        }
+        answers_ds = f.create_dataset("answers", (total,), h5py.string_dtype())
+        questions_ds = f.create_dataset("questions", (total,), h5py.string_dtype())
+        start = 0
+        for batch, attention, answers in rows:
+            end, r = start + len(answers), attention.size(1)
+            datasets["question_id"][start:end] = batch["question_id"].numpy()
+            datasets["image_id"][start:end] = batch["image_id"].numpy()
+            datasets["attention"][start:end, :r] = attention.numpy()
+            datasets["num_boxes"][start:end] = batch["image_features_mask"].sum(dim=1).numpy()
+            datasets["boxes"][start:end, :r] = batch["image_boxes"].numpy()
+            answers_ds[start:end] = np.array(answers, dtype=object)
+            questions_ds[start:end] = np.array(questions[start:end], dtype=object)
+            start = end
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -145,7 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--captions", help="prepared captions.json instead of the checkpoint's")
     captions.add_argument("--vocabulary", help="vocabulary.json instead of the checkpoint's (must match it)")
     captions.set_defaults(handler=predict_captions)
-    for sub in (captions,):
+    vqa = subparsers.add_parser("vqa", help="answer questions into the official VQA results format")
+    vqa.add_argument("--checkpoint", required=True, help="a .ckpt written by updown.fit with a VQA config")
+    vqa.add_argument("--split", default="test", help="prepared split to answer (default: test)")
+    vqa.add_argument("--output", required=True, help='results JSON: [{"question_id": int, "answer": str}]')
+    vqa.add_argument("--attention", help="also save each question's attention over regions to this HDF5 file")
+    vqa.add_argument("--score", metavar="JSON", help="also score an annotated split, write the official scores here")
+    vqa.add_argument("--features", nargs="+", help="region-feature HDF5 file(s) instead of the checkpoint's")
+    vqa.add_argument("--prepared", help="folder of tools/prepare_vqa.py instead of the checkpoint's")
+    vqa.set_defaults(handler=predict_vqa)
+    for sub in (captions, vqa):
         sub.add_argument("--batch-size", type=int, default=50, help="images per batch")
         sub.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
