@@ -18,7 +18,7 @@ from updown.data.vocabulary import Vocabulary
 from updown.decoding import beam_search
 from updown.losses import sequence_cross_entropy
 from updown.models.captioner import UpDownCaptioner
-from updown.tasks.optim import build_optimizer, build_schedule
+from updown.tasks.optim import configure_from_hparams
 
 # pycocoevalcap keys -> our log keys.
 METRIC_KEYS = {
@@ -159,12 +159,7 @@ class CaptioningTask(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        h = self.hparams
-        optimizer = build_optimizer(self.parameters(), h.optimizer, h.learning_rate, h.momentum, h.weight_decay)
-        schedule = build_schedule(
-            optimizer, h.lr_schedule, self.trainer.estimated_stepping_batches, h.lr_step_size, h.lr_gamma
-        )
-        return optimizer if schedule is None else {"optimizer": optimizer, "lr_scheduler": schedule}
+        return configure_from_hparams(self)
 
     # ------------------------------------------------------------------------------------------- decoding
     def decode(self, batch: dict, beam_size: int | None = None):

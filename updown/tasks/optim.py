@@ -42,5 +42,17 @@ def build_schedule(
     raise ValueError(f"lr_schedule {name!r} is not known; use one of {SCHEDULES}.")
 
 
+def configure_from_hparams(module) -> object:
+    """``configure_optimizers`` of every task: optimiser and schedule from the task's hyper-parameters
+    (``optimizer``, ``learning_rate``, ``momentum``, ``weight_decay``, ``lr_schedule``, ``lr_step_size``,
+    ``lr_gamma``)."""
+    h = module.hparams
+    optimizer = build_optimizer(module.parameters(), h.optimizer, h.learning_rate, h.momentum, h.weight_decay)
+    schedule = build_schedule(
+        optimizer, h.lr_schedule, module.trainer.estimated_stepping_batches, h.lr_step_size, h.lr_gamma
+    )
+    return optimizer if schedule is None else {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

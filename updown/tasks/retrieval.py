@@ -29,7 +29,7 @@ from updown.metrics.retrieval import coco_5k_metrics, retrieval_metrics
 from updown.models.retrieval import BFANRetrieval
 from updown.modules.focal import FOCAL_TYPES
 from updown.tasks.captioning import check_vocabulary, gather_outputs
-from updown.tasks.optim import build_optimizer, build_schedule
+from updown.tasks.optim import configure_from_hparams
 
 PROTOCOLS = ("full", "1k", "5k")
 COCO_FOLD_SIZE, COCO_NUM_FOLDS = 1000, 5
@@ -259,14 +259,7 @@ class RetrievalTask(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        h = self.hparams
-        optimizer = build_optimizer(
-            self.parameters(), h.optimizer, h.learning_rate, h.momentum, h.weight_decay
-        )
-        schedule = build_schedule(
-            optimizer, h.lr_schedule, self.trainer.estimated_stepping_batches, h.lr_step_size, h.lr_gamma
-        )
-        return optimizer if schedule is None else {"optimizer": optimizer, "lr_scheduler": schedule}
+        return configure_from_hparams(self)
 
     # ------------------------------------------------------------------------------------------ evaluation
     def validation_step(self, batch: dict, batch_index: int) -> None:

@@ -25,7 +25,7 @@ from updown.losses import soft_score_bce
 from updown.metrics.vqa_accuracy import VQAAccuracy
 from updown.models.vqa import UpDownVQA
 from updown.tasks.captioning import check_vocabulary
-from updown.tasks.optim import build_optimizer, build_schedule
+from updown.tasks.optim import configure_from_hparams
 
 
 class VQATask(pl.LightningModule):
@@ -236,15 +236,8 @@ class VQATask(pl.LightningModule):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), gradient_clip_val)
 
     def configure_optimizers(self):
-        h = self.hparams
         # Adamax / Adam / SGD update each parameter from its own gradient: the baseline cannot move the model.
-        optimizer = build_optimizer(
-            self.parameters(), h.optimizer, h.learning_rate, h.momentum, h.weight_decay
-        )
-        schedule = build_schedule(
-            optimizer, h.lr_schedule, self.trainer.estimated_stepping_batches, h.lr_step_size, h.lr_gamma
-        )
-        return optimizer if schedule is None else {"optimizer": optimizer, "lr_scheduler": schedule}
+        return configure_from_hparams(self)
 
     # ------------------------------------------------------------------------------------------- decoding
     def answers_of(self, logits: torch.Tensor) -> list[str]:
