@@ -37,7 +37,11 @@ VARIANTS = [
 
 def run(name: str, world: str, extra: list[str], args, seed: int, folder: Path) -> float:
     root = folder / f"{abs(hash((name, seed)))}"
-    world_args = ["--data.init_args.synthetic.grid", "true", "--data.init_args.synthetic.grid_size", "6"] if world == "grid" else []
+    world_args = (
+        ["--data.init_args.synthetic.grid", "true", "--data.init_args.synthetic.grid_size", "6"]
+        if world == "grid"
+        else []
+    )
     code = fit([
         "--config", str(ROOT / "configs" / "vqa" / "synthetic.yaml"),
         "--seed_everything", str(seed),
@@ -58,12 +62,16 @@ def run(name: str, world: str, extra: list[str], args, seed: int, folder: Path) 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--num-train", type=int, default=600)
     parser.add_argument("--num-val", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--only", nargs="*", help="run only variants whose name contains one of these strings")
+    parser.add_argument(
+        "--only", nargs="*", help="run only variants whose name contains one of these strings"
+    )
     parser.add_argument("--output", help="also write the markdown table here")
     args = parser.parse_args(argv)
     variants = [v for v in VARIANTS if not args.only or any(s in v[0] for s in args.only)]

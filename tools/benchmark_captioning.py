@@ -6,6 +6,7 @@ case. Example::
 
     python tools/benchmark_captioning.py --device cpu --iterations 2
     python tools/benchmark_captioning.py --device cuda --iterations 20
+    python tools/benchmark_captioning.py --device cuda --iterations 20 --precision bf16
 
 Prints a markdown table.
 """
@@ -40,6 +41,12 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden-size", type=int, default=1000, help="LSTM size and word embedding size")
     parser.add_argument("--attention-size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision",
+        choices=("32", "bf16"),
+        default="32",
+        help="32: float32; bf16: bfloat16 autocast, as Lightning's precision='bf16-mixed'",
+    )
     parsed = parser.parse_args(args)
     for name in ("iterations", "images", "captions_per_image", "max_length", "beam_size", "boxes"):
         if getattr(parsed, name) < 1:
@@ -89,10 +96,14 @@ def main(args: list[str] | None = None) -> list[dict[str, str]]:
     tokens = torch.randint(4, options.vocabulary_size, (num_captions, options.max_length + 1), device=device)
     tokens[:, 0] = model.bos_index
 
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.precision == "bf16")
+
     def train_step() -> None:
         model.train()
-        logits = model(features, mask, tokens, image_index=image_index)["logits"]
-        loss = sequence_cross_entropy(logits, tokens[:, 1:], pad_index=model.pad_index)
+        with autocast():
+            logits = model(features, mask, tokens, image_index=image_index)["logits"]
+            loss = sequence_cross_entropy(logits, tokens[:, 1:], pad_index=model.pad_index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -101,7 +112,7 @@ def main(args: list[str] | None = None) -> list[dict[str, str]]:
 
     def decode() -> None:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             state = model.init_state(features, mask)
             output = beam_search(
                 model.step, state, beam_size=options.beam_size, max_length=options.max_length
@@ -129,7 +140,7 @@ def main(args: list[str] | None = None) -> list[dict[str, str]]:
     print(
         f"UpDownCaptioner D={options.feature_size}, R={options.boxes}, V={options.vocabulary_size}, "
         f"H=E={options.hidden_size}, A={options.attention_size}, {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters on {name}{threads}, torch {torch.__version__}\n"
+        f"parameters on {name}{threads}, precision {options.precision}, torch {torch.__version__}\n"
     )
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")

@@ -53,8 +53,12 @@ def write_file(path: Path, images: int, dtype: str) -> None:
 def loader_rate(path: Path, in_memory: bool, workers: int, batch_size: int, repeats: int) -> float:
     reader = RegionFeatures(path, in_memory=in_memory)
     loader = DataLoader(
-        RegionDataset(reader), batch_size=batch_size, shuffle=True, num_workers=workers,
-        collate_fn=collate_regions, persistent_workers=workers > 0,
+        RegionDataset(reader),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=collate_regions,
+        persistent_workers=workers > 0,
     )
     for _ in loader:  # warm-up: page cache, worker start-up
         pass
@@ -86,7 +90,9 @@ def ceiling_rate(images: int, batch_size: int, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
@@ -101,8 +107,12 @@ def main(argv=None) -> int:
             for in_memory in (False, True):
                 for workers in (0, 2):
                     rate = loader_rate(path, in_memory, workers, args.batch_size, args.repeats)
-                    rows.append(("DataLoader", dtype, "in-memory" if in_memory else "lazy", str(workers), rate))
-    print(f"{args.images} images of {BOXES} x {DIM}, batch {args.batch_size}, shuffled, {args.repeats} epochs\n")
+                    rows.append(
+                        ("DataLoader", dtype, "in-memory" if in_memory else "lazy", str(workers), rate)
+                    )
+    print(
+        f"{args.images} images of {BOXES} x {DIM}, batch {args.batch_size}, shuffled, {args.repeats} epochs\n"
+    )
     print("| reader | dtype | storage | workers | images/s | % of ceiling |")
     print("|---|---|---|---|---:|---:|")
     for reader, dtype, storage, workers, rate in rows:

@@ -50,8 +50,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def benchmark(args: argparse.Namespace, device: torch.device, fusion: str) -> dict[str, float]:
-    """Time ``args.iterations`` training steps after ``args.warmup`` untimed ones."""
+def benchmark(
+    args: argparse.Namespace, device: torch.device, fusion: str, precision: str = "32"
+) -> dict[str, float]:
+    """Time ``args.iterations`` training steps after ``args.warmup`` untimed ones.
+
+    ``precision`` "bf16" runs the forward pass and loss under bfloat16 autocast (Lightning's "bf16-mixed").
+    """
     torch.manual_seed(0)
     model = UpDownVQA(
         args.vocabulary_size,
@@ -66,9 +71,13 @@ def benchmark(args: argparse.Namespace, device: torch.device, fusion: str) -> di
     targets = batch.pop("answer_scores")
 
     def step() -> None:
-        logits = model(**batch)["logits"]
-        # Soft-score BCE as the reproduction's instance_bce_with_logits: mean over all entries times A.
-        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="mean") * targets.shape[1]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(**batch)["logits"]
+            # Soft-score BCE as the reproduction's instance_bce_with_logits: mean over all entries times A.
+            loss = (
+                F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="mean")
+                * targets.shape[1]
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
@@ -105,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", nargs="+", default=["cpu"], help="devices to time, e.g. cpu cuda cuda:1")
     parser.add_argument("--fusion", nargs="+", default=["product"], choices=FUSIONS, help="fusions to time")
+    parser.add_argument(
+        "--precision", nargs="+", default=["32"], choices=("32", "bf16"), help="float32 and/or bf16 autocast"
+    )
     parser.add_argument("--batch-size", type=int, default=512, help="questions per step (reproduction: 512)")
     parser.add_argument("--num-boxes", type=int, default=36, help="regions per image (fixed-36 features)")
     parser.add_argument("--image-feature-size", type=int, default=2048, help="region feature size D")
@@ -134,19 +146,22 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"UpDownVQA training step: batch {args.batch_size}, {args.num_boxes} boxes x {args.image_feature_size}, "
         f"{args.num_answers} answers, vocabulary {args.vocabulary_size}, hidden {args.hidden_size}, "
-        f"{args.iterations} timed steps after {args.warmup} warm-up; torch {torch.__version__}, float32\n"
+        f"{args.iterations} timed steps after {args.warmup} warm-up; torch {torch.__version__}\n"
     )
-    print("| device | fusion | parameters (M) | ms / step | questions / s | peak GPU memory (GiB) |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(
+        "| device | fusion | precision | parameters (M) | ms / step | questions / s | peak GPU memory (GiB) |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|")
     for device in devices:
         for fusion in args.fusion:
-            result = benchmark(args, device, fusion)
-            peak = "-" if device.type != "cuda" else f"{result['peak_gib']:.2f}"
-            print(
-                f"| {device_name(device)} | {fusion} | {result['parameters']:.2f} | {result['ms_per_step']:.1f} "
-                f"| {result['questions_per_second']:.0f} | {peak} |",
-                flush=True,
-            )
+            for precision in args.precision:
+                result = benchmark(args, device, fusion, precision)
+                peak = "-" if device.type != "cuda" else f"{result['peak_gib']:.2f}"
+                print(
+                    f"| {device_name(device)} | {fusion} | {precision} | {result['parameters']:.2f} "
+                    f"| {result['ms_per_step']:.1f} | {result['questions_per_second']:.0f} | {peak} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

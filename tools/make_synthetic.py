@@ -22,7 +22,9 @@ from updown.data.synthetic import SyntheticSpec, SyntheticWorld, write_raw_world
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", required=True, help="output folder (must not exist unless --force)")
     for field in dataclasses.fields(SyntheticSpec):
         flag = "--" + field.name.replace("_", "-")
@@ -31,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = {"int": int, "float": float, "str": str}[str(field.type)]
             parser.add_argument(flag, type=kind, default=field.default, help=f"(default: {field.default})")
-    parser.add_argument("--tsv", action="store_true", help="also write raw/features.tsv (original bottom-up layout)")
+    parser.add_argument(
+        "--tsv", action="store_true", help="also write raw/features.tsv (original bottom-up layout)"
+    )
     parser.add_argument("--force", action="store_true", help="write into an existing folder")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -44,7 +48,9 @@ def main(argv=None) -> int:
     def run() -> int:
         output = Path(args.output)
         if output.exists() and any(output.iterdir()) and not args.force:
-            raise FileExistsError(f"{output}: folder exists and is not empty. Pass --force or choose another --output.")
+            raise FileExistsError(
+                f"{output}: folder exists and is not empty. Pass --force or choose another --output."
+            )
         write_raw_world(spec, SyntheticWorld(output), tsv=args.tsv)
         print(f"synthetic world {spec.key()} -> {output}", file=sys.stderr)
         return 0

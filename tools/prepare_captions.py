@@ -24,14 +24,23 @@ from updown.data.caption_preparation import load_coco_captions, load_karpathy, p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--karpathy", help="Karpathy's dataset_coco.json")
     source.add_argument("--coco", nargs="+", help="COCO captions_*.json files")
-    parser.add_argument("--split", action="append", default=[], metavar="NAME=LIST",
-                        help="with --coco: a split name and its image list file (repeat per split)")
+    parser.add_argument(
+        "--split",
+        action="append",
+        default=[],
+        metavar="NAME=LIST",
+        help="with --coco: a split name and its image list file (repeat per split)",
+    )
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--min-count", type=int, default=5, help="minimum word count for the vocabulary (paper: 5)")
+    parser.add_argument(
+        "--min-count", type=int, default=5, help="minimum word count for the vocabulary (paper: 5)"
+    )
     parser.add_argument("--vocabulary-splits", nargs="+", default=["train", "restval"])
     parser.add_argument("--evaluation-splits", nargs="+", default=["val", "test"])
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -47,7 +56,9 @@ def main(argv=None) -> int:
             images = load_karpathy(args.karpathy)
         else:
             if not args.split:
-                raise ValueError("--coco needs at least one --split NAME=LIST (e.g. --split train=train_ids.txt).")
+                raise ValueError(
+                    "--coco needs at least one --split NAME=LIST (e.g. --split train=train_ids.txt)."
+                )
             lists = {}
             for item in args.split:
                 name, sep, path = item.partition("=")
@@ -58,8 +69,12 @@ def main(argv=None) -> int:
         output = Path(args.output)
         existing = [p for p in ("captions.json", "vocabulary.json") if (output / p).exists()]
         if existing and not args.force:
-            raise FileExistsError(f"{output}: {existing} exist. Pass --force to overwrite, or choose another --output.")
-        vocabulary = prepare_captions(images, output, args.min_count, args.vocabulary_splits, args.evaluation_splits)
+            raise FileExistsError(
+                f"{output}: {existing} exist. Pass --force to overwrite, or choose another --output."
+            )
+        vocabulary = prepare_captions(
+            images, output, args.min_count, args.vocabulary_splits, args.evaluation_splits
+        )
         print(f"{len(images)} images, vocabulary of {len(vocabulary)} tokens -> {output}", file=sys.stderr)
         return 0
 
