@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from updown.data.caption_preparation import read_prepared_captions
 from updown.data.datasets import CaptionEvaluationDataset, CaptionTrainingDataset
 from updown.data.readers import RegionFeatures
+from updown.data.samplers import ResumableTrainingOrder
 from updown.data.synthetic import SyntheticSpec, ensure_synthetic_world
 from updown.data.vocabulary import Vocabulary
 
@@ -32,7 +33,7 @@ def datamodule_from_checkpoint(datamodule_class: type, checkpoint: dict, **overr
     return datamodule_class(**arguments)
 
 
-class CaptioningDataModule(pl.LightningDataModule):
+class CaptioningDataModule(ResumableTrainingOrder, pl.LightningDataModule):
     """Captions with bottom-up region features.
 
     Args:
@@ -159,7 +160,15 @@ class CaptioningDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._datasets["train"], self.batch_size, shuffle=True)
+        # Shuffled by (seed, epoch), so a run resumed mid-epoch sees exactly the batches the epoch had left.
+        dataset = self._datasets["train"]
+        return self.resumable_train_loader(
+            dataset,
+            self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=dataset.collate,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._datasets[self.val_split], self.eval_batch_size, shuffle=False)

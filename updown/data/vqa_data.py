@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from updown.data.datasets import _batch_tensor, collate_regions, pad_sequences
 from updown.data.readers import RegionFeature, RegionFeatures
+from updown.data.samplers import ResumableTrainingOrder
 from updown.data.synthetic import SPLITS, SyntheticSpec, SyntheticWorld, ensure_synthetic_world
 from updown.data.vocabulary import AnswerVocabulary, Vocabulary
 from updown.data.vqa_preparation import VQAQuestion, prepare_vqa, read_prepared_questions
@@ -117,7 +118,7 @@ def ensure_synthetic_vqa(world: SyntheticWorld) -> Path:
     return target
 
 
-class VQADataModule(pl.LightningDataModule):
+class VQADataModule(ResumableTrainingOrder, pl.LightningDataModule):
     """VQA v2 questions with bottom-up region features.
 
     Args:
@@ -259,7 +260,15 @@ class VQADataModule(pl.LightningDataModule):
         return self._datasets[key]
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset(), self.batch_size, shuffle=True)
+        # Shuffled by (seed, epoch), so a run resumed mid-epoch sees exactly the batches the epoch had left.
+        dataset = self.train_dataset()
+        return self.resumable_train_loader(
+            dataset,
+            self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=dataset.collate,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset(self.val_split), self.eval_batch_size, shuffle=False)

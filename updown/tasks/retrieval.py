@@ -242,7 +242,7 @@ class RetrievalTask(pl.LightningModule):
             check_vocabulary(vocabulary, self.vocabulary, "the checkpoint", "the data")
 
     def configure_callbacks(self):
-        return checkpoint_callbacks(self.monitor)
+        return checkpoint_callbacks(self.monitor, self._trainer)
 
     # -------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
