@@ -33,6 +33,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from updown.metrics.distributed import first_occurrences
 from updown.metrics.vqa_normalization import normalize_answer, process_punctuation, strip_whitespace
 
 NORMALIZATIONS = ("official", "legacy")
@@ -191,8 +192,9 @@ class VQAAccuracy(Metric):
     States are per-question lists (question id, accuracy, answer-type index) gathered with
     ``dist_reduce_fx="cat"``; :meth:`compute` keeps one entry per question id. This costs a few bytes per
     question (about 5 MB for VQA v2 val) but makes the result exact: ``DistributedSampler`` pads the last
-    batches by repeating questions, and summed states would count those twice. With ids deduplicated the
-    result equals a single-process :func:`evaluate_vqa` on the same questions.
+    batches by repeating questions, and summed states would count those twice. With ids deduplicated and
+    averaged in ascending id order (:mod:`updown.metrics.distributed`) the result equals, bit for bit, a
+    single-process run on the same questions, and :func:`evaluate_vqa` up to its rounding.
 
     Args:
         normalization: ``"official"`` or ``"legacy"`` (module doc).
@@ -217,6 +219,8 @@ class VQAAccuracy(Metric):
         self.add_state("question_ids", default=[], dist_reduce_fx="cat")
         self.add_state("accuracies", default=[], dist_reduce_fx="cat")
         self.add_state("answer_type_indices", default=[], dist_reduce_fx="cat")
+        #: Distinct questions the last :meth:`compute` scored (all ranks together).
+        self.num_questions: int | None = None
 
     def update(
         self,
@@ -266,12 +270,11 @@ class VQAAccuracy(Metric):
             raise ValueError("VQAAccuracy.compute: no questions were scored; call update() first.")
         accuracies = dim_zero_cat(self.accuracies).double()
         type_indices = dim_zero_cat(self.answer_type_indices)
-        # Keep the first occurrence of each question id (DDP padding repeats whole questions).
-        unique_ids, inverse = torch.unique(ids, return_inverse=True)
-        positions = torch.arange(ids.numel(), device=ids.device)
-        first = torch.full((unique_ids.numel(),), ids.numel(), dtype=torch.int64, device=ids.device)
-        first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+        # One copy of each question (DDP padding repeats whole questions), in ascending question id order so
+        # that the float sums below do not depend on how the questions were sharded or batched.
+        first = first_occurrences(ids)
         accuracies, type_indices = accuracies[first], type_indices[first]
+        self.num_questions = int(first.numel())
         result = {"overall": accuracies.mean()}
         for index, answer_type in enumerate(self.answer_types):
             selected = type_indices == index
