@@ -16,10 +16,14 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, Permiss
 
 
 def error_message(error: BaseException) -> str:
-    """The message of ``error`` without KeyError's quotes."""
-    if isinstance(error, KeyError) and error.args:
-        return str(error.args[0])
-    return str(error)
+    """The message of ``error`` without KeyError's quotes, or a DataLoader worker's traceback."""
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    if "\nOriginal Traceback" in message:
+        # torch re-raises a worker's error with the worker's traceback in the message; its last line is
+        # "ValueError: <our message>".
+        last = message.rstrip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+    return message
 
 
 def run_guarded(prog: str, function: Callable[[], int | None], debug: bool = False) -> int:

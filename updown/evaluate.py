@@ -38,6 +38,7 @@ def _common_options() -> argparse.ArgumentParser:
     """Options every subcommand takes."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--output", metavar="JSON", help="write the scores to this JSON file (atomically).")
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors.")
     return parser
 
@@ -201,7 +202,9 @@ def run_captions(args: argparse.Namespace) -> dict[str, Any]:
         title = f"{Path(args.results).name}: {len(references)} images"
     _print_table(title, list(scores.items()), "score")
     if args.per_image_output:
-        write_json(args.per_image_output, {str(key): value for key, value in per_image.items()}, indent=1)
+        write_json(
+            args.per_image_output, {str(key): value for key, value in per_image.items()}, args.force, indent=1
+        )
     return scores
 
 
@@ -227,6 +230,22 @@ def run_vqa(args: argparse.Namespace) -> dict[str, Any]:
     return accuracy
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that are folders, or existing files without ``--force``, before scoring (minutes)."""
+    for flag, path in (
+        ("--output", args.output),
+        ("--per-image-output", getattr(args, "per_image_output", None)),
+    ):
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise IsADirectoryError(f"{flag} {path}: is a folder. Give a file path.")
+        if Path(path).exists() and not args.force:
+            raise FileExistsError(
+                f"{flag} {path}: output file exists. Pass --force to overwrite it, or choose another path."
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status (0 ok, 2 bad input)."""
     parser = build_parser()
@@ -237,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from updown.metrics.coco_caption import MissingDependencyError
 
     try:
+        check_outputs(args)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
             scores = args.handler(args)
@@ -244,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for warning in caught:
             print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
         if args.output:
-            write_json(args.output, scores, indent=2)
+            write_json(args.output, scores, args.force, indent=2)
     except (*USER_ERRORS, MissingDependencyError) as error:
         if args.debug:
             raise

@@ -72,7 +72,10 @@ def predict_captions(args: argparse.Namespace) -> int:
 
     checkpoint = load_checkpoint(args.checkpoint)
     if "vocabulary" not in checkpoint:
-        raise ValueError(f"{args.checkpoint}: not a captioning checkpoint (no vocabulary stored).")
+        raise ValueError(
+            f"{args.checkpoint}: not a captioning checkpoint (no vocabulary stored). "
+            "Pass the checkpoint of a captioning run (configs/captioning/...), or use `updown.predict vqa`."
+        )
     task = CaptioningTask.load_from_checkpoint(args.checkpoint, map_location="cpu")
     task.eval().to(args.device)
     datamodule = caption_datamodule(checkpoint, args)
@@ -91,29 +94,29 @@ def predict_captions(args: argparse.Namespace) -> int:
                 results.append({"image_id": image_id, "caption": captions[row]})
             if args.attention:
                 rows.append((batch, output, captions))
-    write_json(args.output, results)
+    write_json(args.output, results, force=args.force)
     print(f"{len(results)} captions of split '{args.split}' -> {args.output}", file=sys.stderr)
     if args.attention:
-        write_caption_attention(args.attention, rows, task.vocabulary.tokens)
+        write_caption_attention(args.attention, rows, task.vocabulary.tokens, force=args.force)
         print(f"per-word attention -> {args.attention}", file=sys.stderr)
     if args.score:
         from updown.metrics.coco_caption import score_captions
 
         references = {image_id: refs for image_id, refs in zip(dataset.image_ids, dataset.references)}
         scores, _ = score_captions(references, {r["image_id"]: r["caption"] for r in results}, spice=args.spice)
-        write_json(args.score, scores, indent=2)
+        write_json(args.score, scores, force=args.force, indent=2)
         print(json.dumps(scores, indent=2))
     return 0
 
 
-def write_caption_attention(path: str, rows: list, vocabulary_tokens: list[str]) -> None:
+def write_caption_attention(path: str, rows: list, vocabulary_tokens: list[str], force: bool = True) -> None:
     """Per-word attention of decoded captions as HDF5 (layout in the module docstring), atomically."""
     import h5py
 
     max_boxes = max(batch["image_features_mask"].size(1) for batch, _, _ in rows)
     max_length = max(output.tokens.size(1) for _, output, _ in rows)
     total = sum(output.tokens.size(0) for _, output, _ in rows)
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_output(path, force=force) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["vocabulary"] = json.dumps(vocabulary_tokens)
         image_id = f.create_dataset("image_id", (total,), "int64")
         tokens = f.create_dataset("tokens", (total, max_length), "int64")
@@ -147,14 +150,22 @@ def predict_vqa(args: argparse.Namespace) -> int:
 
     checkpoint = load_checkpoint(args.checkpoint)
     if "answer_vocabulary" not in checkpoint and "question_vocabulary" not in checkpoint:
-        raise ValueError(f"{args.checkpoint}: not a VQA checkpoint (no vocabularies stored).")
+        raise ValueError(
+            f"{args.checkpoint}: not a VQA checkpoint (no vocabularies stored). "
+            "Pass the checkpoint of a VQA run (configs/vqa/...), or use `updown.predict captions`."
+        )
     task = VQATask.load_from_checkpoint(args.checkpoint, map_location="cpu")
     task.eval().to(args.device)
     datamodule = datamodule_from_checkpoint(
         VQADataModule, checkpoint, features_h5path=args.features, prepared_dir=args.prepared,
         eval_batch_size=args.batch_size, num_workers=args.num_workers,
     )  # fmt: skip
-    task.check_vocabularies(datamodule.question_vocabulary, datamodule.answer_vocabulary, f"the data ({datamodule.prepared_dir})")
+    data = f"the data ({datamodule.prepared_dir})"
+    try:
+        task.check_vocabularies(datamodule.question_vocabulary, datamodule.answer_vocabulary, data)
+    except ValueError as error:
+        # The task calls itself "the model"; the user needs to know which file that is.
+        raise ValueError(f"{args.checkpoint}: {error}") from None
     dataset = datamodule.dataset(args.split)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=dataset.collate)
     results, rows = [], []
@@ -167,10 +178,11 @@ def predict_vqa(args: argparse.Namespace) -> int:
             results.extend({"question_id": q, "answer": a} for q, a in zip(batch["question_id"].tolist(), answers))
             if args.attention:
                 rows.append((batch, output["attention"].float().cpu(), answers))
-    write_json(args.output, results)
+    write_json(args.output, results, force=args.force)
     print(f"{len(results)} answers of split '{args.split}' -> {args.output}", file=sys.stderr)
     if args.attention:
-        write_question_attention(args.attention, rows, [q.question for q in dataset.questions])
+        questions = [q.question for q in dataset.questions]
+        write_question_attention(args.attention, rows, questions, force=args.force)
         print(f"question attention -> {args.attention}", file=sys.stderr)
     if args.score:
         from updown.io import read_json
@@ -181,18 +193,18 @@ def predict_vqa(args: argparse.Namespace) -> int:
             raise ValueError(f"--score: split '{args.split}' has no annotations; submit {args.output} to the server.")
         questions = read_json(datamodule.questions_jsonpath(args.split), "VQA questions JSON")
         scores = evaluate_vqa(questions, read_json(annotations, "VQA annotations JSON"), results, task.hparams.normalization)
-        write_json(args.score, scores, indent=2)
+        write_json(args.score, scores, force=args.force, indent=2)
         print(json.dumps({"overall": scores["overall"], "perAnswerType": scores["perAnswerType"]}, indent=2))
     return 0
 
 
-def write_question_attention(path: str, rows: list, questions: list[str]) -> None:
+def write_question_attention(path: str, rows: list, questions: list[str], force: bool = True) -> None:
     """Per-question attention as HDF5 (layout in the module docstring), atomically."""
     import h5py
 
     max_boxes = max(batch["image_features_mask"].size(1) for batch, _, _ in rows)
     total = sum(len(answers) for _, _, answers in rows)
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_output(path, force=force) as tmp, h5py.File(tmp, "w") as f:
         datasets = {
             "question_id": f.create_dataset("question_id", (total,), "int64"),
             "image_id": f.create_dataset("image_id", (total,), "int64"),
@@ -243,16 +255,33 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--batch-size", type=int, default=50, help="images per batch")
         sub.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        sub.add_argument("--force", action="store_true", help="overwrite existing output files")
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that are folders, or existing files without ``--force``, before decoding (which can
+    take an hour) rather than after it."""
+    for flag, path in (("--output", args.output), ("--attention", args.attention), ("--score", args.score)):
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise IsADirectoryError(f"{flag} {path}: is a folder. Give a file path.")
+        if Path(path).exists() and not args.force:
+            raise FileExistsError(
+                f"{flag} {path}: output file exists. Pass --force to overwrite it, or choose another path."
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if Path(args.output).exists() and Path(args.output).is_dir():
-        print(f"{PROG}: error: --output {args.output} is a folder; give a file path.", file=sys.stderr)
-        return 2
-    return run_guarded(PROG, lambda: args.handler(args), args.debug)
+
+    def run() -> int:
+        check_outputs(args)
+        return args.handler(args)
+
+    return run_guarded(PROG, run, args.debug)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def load_karpathy(dataset_jsonpath: str | os.PathLike) -> list[ImageCaptions]:
             f"{dataset_jsonpath}: expected an object with an 'images' list (Karpathy's dataset_coco.json)."
         )
     images = []
+    position_of: dict[int, int] = {}
     for position, image in enumerate(data["images"]):
         try:
             image_id = int(image["cocoid"])
@@ -52,8 +53,25 @@ def load_karpathy(dataset_jsonpath: str | os.PathLike) -> list[ImageCaptions]:
                 f"{dataset_jsonpath}: images[{position}] lacks a valid field ({error!r}); each image needs 'cocoid', "
                 "'split' and 'sentences' with 'raw'. Use the original dataset_coco.json."
             ) from None
+        # A repeated image would be trained on twice and scored twice (in two splits, a train/test leak).
+        if image_id in position_of:
+            raise ValueError(
+                f"{dataset_jsonpath}: image {image_id} appears more than once (images[{position_of[image_id]}] and "
+                f"images[{position}]). Keep one entry per image."
+            )
+        position_of[image_id] = position
+        _check_captions(image_id, raws, tokens, f"{dataset_jsonpath}: image {image_id} (images[{position}])")
         images.append(ImageCaptions(image_id, split, raws, tokens))
     return images
+
+
+def _check_captions(image_id: int, raws: list[str], tokens: list[list[str]], where: str) -> None:
+    """Refuse an image without captions or with a caption that has no words, naming ``where`` it is."""
+    if not raws:
+        raise ValueError(f"{where} has no captions. Remove the image or add its captions.")
+    for raw, words in zip(raws, tokens):
+        if not words:
+            raise ValueError(f"{where} has a caption with no words ({raw!r}). Remove or fix that caption.")
 
 
 def read_split_list(path: str | os.PathLike) -> list[int]:
@@ -87,6 +105,7 @@ def load_coco_captions(
         split_lists: split name -> split list file; images in no list are dropped.
     """
     captions: dict[int, list[str]] = {}
+    source: dict[int, str | os.PathLike] = {}  # the file of an image's first caption, for messages
     for path in captions_jsonpaths:
         data = read_json(path, "COCO captions JSON")
         if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
@@ -95,12 +114,15 @@ def load_coco_captions(
             )
         for annotation in data["annotations"]:
             try:
-                captions.setdefault(int(annotation["image_id"]), []).append(str(annotation["caption"]))
+                image_id, caption = int(annotation["image_id"]), str(annotation["caption"])
             except (KeyError, TypeError, ValueError):
                 raise ValueError(
                     f"{path}: an annotation lacks 'image_id' or 'caption': {annotation!r}."
                 ) from None
+            captions.setdefault(image_id, []).append(caption)
+            source.setdefault(image_id, path)
     images = []
+    listed_in: dict[int, str] = {}
     for split, list_path in split_lists.items():
         ids = read_split_list(list_path)
         missing = [i for i in ids if i not in captions]
@@ -109,9 +131,17 @@ def load_coco_captions(
                 f"{list_path}: {len(missing)} image id(s) of split '{split}' have no captions in the given files, "
                 f"e.g. {missing[:5]}. Pass the captions file that holds them."
             )
-        images.extend(
-            ImageCaptions(i, split, captions[i], [tokenize_caption(c) for c in captions[i]]) for i in ids
-        )
+        for i in ids:
+            # An image in two splits (or twice in one) would leak training images into evaluation.
+            if i in listed_in:
+                raise ValueError(
+                    f"{list_path}: image {i} is listed again (already in {listed_in[i]}). Put each image in one "
+                    "split only, once."
+                )
+            listed_in[i] = f"{list_path}, split '{split}'"
+            tokens = [tokenize_caption(c) for c in captions[i]]
+            _check_captions(i, captions[i], tokens, f"{source[i]}: image {i}")
+            images.append(ImageCaptions(i, split, captions[i], tokens))
     return images
 
 

@@ -200,7 +200,16 @@ class _FeatureFile:
             features, boxes = features[:n], boxes[:n]
         else:
             features, boxes = np.asarray(features).reshape(n, -1), np.asarray(boxes).reshape(n, 4)
-        return features.astype(np.float32, copy=False), boxes.astype(np.float32, copy=False)
+        features = features.astype(np.float32, copy=False)
+        # Checked on every read (cheap next to the disk read), so NaN never reaches a model even without the
+        # check_finite scan: training would silently turn into NaN loss, prediction into nonsense output.
+        if not np.isfinite(features).all():
+            raise self._fail(
+                "features",
+                f"contains NaN or inf for image {self.image_ids[row]}; re-extract that image "
+                "(RegionFeatures(..., check_finite=True) lists the first bad image of a file)",
+            )
+        return features, boxes.astype(np.float32, copy=False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -320,7 +320,7 @@ def prepare_vqa(
     existing = [str(p) for p in outputs if p.exists()]
     if existing and not force:
         raise FileExistsError(
-            f"{existing}: output files exist. Pass --force to overwrite, or choose another output."
+            f"{', '.join(existing)}: output file(s) exist. Pass --force to overwrite, or choose another output."
         )
     for name, (questions, raw_annotations) in loaded.items():
         write_json(
