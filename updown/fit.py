@@ -12,6 +12,7 @@ with ``checkpoints/`` and the final ``metrics.json``. ``--debug`` shows tracebac
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.cli import LightningCLI
 
-from updown.callbacks import MetricsReport
-from updown.cli import run_guarded
+from updown.callbacks import LastCheckpoint, MetricsReport
+from updown.checkpointing import with_atomic_checkpoint_io
+from updown.cli import USER_ERRORS, run_guarded
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIGS / "captioning" / "synthetic.yaml"
@@ -31,6 +33,8 @@ class UpDownCLI(LightningCLI):
         # A rich progress bar unless the run turns progress bars off (Lightning refuses both at once).
         if config.get("enable_progress_bar", True) is not False:
             callbacks = [*callbacks, RichProgressBar()]
+        # Checkpoints are written to a temporary file and renamed: a run killed mid-write keeps its last good one.
+        config["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
         return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -38,6 +42,8 @@ class UpDownCLI(LightningCLI):
             "--ckpt_path", type=str | None, default=None,
             help="Resume training from this checkpoint ('last': the newest last.ckpt of this run's root dir).",
         )  # fmt: skip
+        # `--last_checkpoint.every_n_train_steps N`: also write last.ckpt every N steps, to resume mid-epoch.
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
 
 
 def with_default_config(args: list[str]) -> list[str]:
@@ -46,10 +52,9 @@ def with_default_config(args: list[str]) -> list[str]:
     return args if chooses or not DEFAULT_CONFIG.exists() else ["--config", str(DEFAULT_CONFIG), *args]
 
 
-def build_cli(args: list[str]) -> UpDownCLI:
-    return UpDownCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
+def build_cli(args: list[str], cli_class: type[UpDownCLI] = UpDownCLI, **kwargs) -> UpDownCLI:
+    """The CLI of every entry point; ``updown.validate`` passes its subclass and overrides (``kwargs``)."""
+    options = dict(
         subclass_mode_model=True,
         subclass_mode_data=True,
         run=False,
@@ -57,6 +62,7 @@ def build_cli(args: list[str]) -> UpDownCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [MetricsReport()]},
     )
+    return cli_class(pl.LightningModule, pl.LightningDataModule, **{**options, **kwargs})
 
 
 def resolve_ckpt_path(cli: UpDownCLI) -> str | None:
@@ -73,6 +79,33 @@ def resolve_ckpt_path(cli: UpDownCLI) -> str | None:
     return str(candidates[-1])
 
 
+def new_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_unfinished_run(created: list[Path]) -> None:
+    """Remove the run directory (``created[0]``) of a run that failed before its first step, unless it holds a
+    checkpoint, and the then empty folders of ``created``.
+
+    Bad input fails before the first step; the run directory it leaves (a config.yaml, empty logs) would look like
+    a run and shift the next run's version number. Folders that existed before the run stay.
+    """
+    if not created or not created[0].is_dir() or any(created[0].rglob("*.ckpt")):
+        return
+    # Every DDP rank may get here at once: tolerate a folder another rank removed first.
+    shutil.rmtree(created[0], ignore_errors=True)
+    for folder in created[1:]:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another run's files), or already gone
+            break
+
+
 def main(args: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in args
@@ -80,7 +113,13 @@ def main(args: list[str] | None = None) -> int:
 
     def run() -> int:
         cli = build_cli(args)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resolve_ckpt_path(cli))
+        created = new_folders(Path(cli.trainer.log_dir)) if cli.trainer.log_dir else []
+        try:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resolve_ckpt_path(cli))
+        except USER_ERRORS:
+            if cli.trainer.global_step == 0:
+                remove_unfinished_run(created)
+            raise
         return 0
 
     return run_guarded("updown.fit", run, debug)

@@ -7,6 +7,8 @@ a checkpoint from another vocabulary is refused with both vocabularies named.
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -84,6 +86,8 @@ class CaptioningTask(pl.LightningModule):
         self.model: UpDownCaptioner | None = None
         self.vocabulary: Vocabulary | None = None
         self._outputs: list[dict] = []
+        # Images the last validation scored (set on global rank 0), DDP padding repeats removed.
+        self.validation_num_samples: int | None = None
         self._human_scores: dict[str, float] | None = None
 
     # ----------------------------------------------------------------------------------------------- model
@@ -107,7 +111,9 @@ class CaptioningTask(pl.LightningModule):
             bos_index=vocabulary.bos_index,
             eos_index=vocabulary.eos_index,
             unk_index=vocabulary.unk_index,
-            feature_encoder=build_feature_encoder(h.feature_encoder, image_feature_size, grid_shape=grid_shape),
+            feature_encoder=build_feature_encoder(
+                h.feature_encoder, image_feature_size, grid_shape=grid_shape
+            ),
         )
 
     def configure_model(self) -> None:
@@ -133,15 +139,19 @@ class CaptioningTask(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "vocabulary" not in checkpoint:
-            raise ValueError("The checkpoint holds no vocabulary: it was not written by a updown captioning task.")
+            raise ValueError(
+                f"{restored_checkpoint(self)} holds no vocabulary: it was not written by a updown captioning "
+                "task. Pass the checkpoint of a captioning run."
+            )
         vocabulary = Vocabulary(checkpoint["vocabulary"])
         if self.model is None:
             self.build_model(vocabulary, checkpoint["image_feature_size"], checkpoint.get("grid_shape"))
         else:
-            check_vocabulary(vocabulary, self.vocabulary, "the checkpoint", "the data")
+            data = getattr(getattr(self._trainer, "datamodule", None), "vocabulary_path", None)
+            check_vocabulary(vocabulary, self.vocabulary, restored_checkpoint(self), f"the data ({data})")
 
     def configure_callbacks(self):
-        return checkpoint_callbacks(self.monitor)
+        return checkpoint_callbacks(self.monitor, self._trainer)
 
     # -------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
@@ -153,7 +163,10 @@ class CaptioningTask(pl.LightningModule):
             scheduled_sampling_probability=self.hparams.scheduled_sampling,
         )
         loss = sequence_cross_entropy(
-            output["logits"], batch["caption_tokens"][:, 1:], self.vocabulary.pad_index, self.hparams.label_smoothing
+            output["logits"],
+            batch["caption_tokens"][:, 1:],
+            self.vocabulary.pad_index,
+            self.hparams.label_smoothing,
         )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["caption_tokens"].size(0))
         return loss
@@ -186,14 +199,24 @@ class CaptioningTask(pl.LightningModule):
         output = self.decode(batch)
         captions = self.captions_of(output.tokens)
         grounded, grounding_total = self._grounding_counts(batch, output)
+        # One record per image, grounding counts included: under DDP the sampler repeats images to even out
+        # the ranks, and per-image records let score_outputs keep exactly one copy of each.
         for row, image_id in enumerate(batch["image_id"].tolist()):
-            self._outputs.append({"image_id": image_id, "caption": captions[row], "references": batch["references"][row]})
-        self._outputs.append({"grounded": grounded, "grounding_total": grounding_total})
+            self._outputs.append({
+                "image_id": image_id,
+                "caption": captions[row],
+                "references": batch["references"][row],
+                "grounded": int(grounded[row]),
+                "grounding_total": int(grounding_total[row]),
+            })  # fmt: skip
 
-    def _grounding_counts(self, batch: dict, output) -> tuple[int, int]:
-        """Generated category words whose most-attended region belongs to an object of that category."""
+    def _grounding_counts(self, batch: dict, output) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image: generated category words whose most-attended region belongs to an object of that
+        category, and all generated category words; two ``(B,)`` integer tensors (zeros without categories).
+        """
+        batch_size = output.tokens.size(0)
         if "region_category" not in batch or output.attention is None:
-            return 0, 0
+            return torch.zeros(batch_size, dtype=torch.long), torch.zeros(batch_size, dtype=torch.long)
         names = self.trainer.datamodule.features.region_category_names
         # shape: (V,) category of each vocabulary word, -1 for other words
         word_category = torch.full((len(self.vocabulary),), -1, dtype=torch.long, device=output.tokens.device)
@@ -206,39 +229,70 @@ class CaptioningTask(pl.LightningModule):
         top_region = output.attention.argmax(dim=-1)
         region_category = batch["region_category"].to(top_region.device).gather(1, top_region)
         grounded = (region_category == categories) & is_object_word
-        return int(grounded.sum()), int(is_object_word.sum())
+        # shape: (B,) each
+        return grounded.sum(dim=1).cpu(), is_object_word.sum(dim=1).cpu()
 
     def on_validation_epoch_end(self) -> None:
         scores = self.score_outputs(gather_outputs(self._outputs))
         self._outputs = []
-        for key, value in scores.items():
-            self.log(f"val/{key}", value, sync_dist=False)
+        log_rank_identical(self, {f"val/{key}": value for key, value in scores.items()})
 
     def score_outputs(self, outputs: list[dict]) -> dict[str, float]:
-        """Caption metrics (rank 0 scores, every rank gets the numbers) of gathered validation outputs."""
+        """Caption metrics of gathered validation outputs, one copy of each image.
+
+        Rank 0 scores (pycocoevalcap runs Java once) and broadcasts, so every rank logs the same numbers and
+        ``sync_dist`` is not needed. The result equals a single-process run's on the same images.
+        """
         from updown.metrics.coco_caption import human_consensus, score_captions
 
         scores: dict[str, float] = {}
         if self.trainer.is_global_zero:
-            predictions, references = {}, {}
-            grounded = grounding_total = 0
-            for item in outputs:
-                if "image_id" in item:
-                    # DistributedSampler repeats images to even out ranks: keep one copy of each.
-                    predictions[item["image_id"]] = item["caption"]
-                    references[item["image_id"]] = item["references"]
-                else:
-                    grounded += item["grounded"]
-                    grounding_total += item["grounding_total"]
-            overall, _ = score_captions(references, predictions, spice=self.hparams.spice, metrics=self.hparams.val_metrics)
+            by_image = unique_by_image(outputs)
+            predictions = {image_id: item["caption"] for image_id, item in by_image.items()}
+            references = {image_id: item["references"] for image_id, item in by_image.items()}
+            overall, _ = score_captions(
+                references, predictions, spice=self.hparams.spice, metrics=self.hparams.val_metrics
+            )
             scores = {METRIC_KEYS[k]: float(v) for k, v in overall.items() if k in METRIC_KEYS}
             if self._human_scores is None:
                 human = human_consensus(references, spice="off", metrics=("CIDEr",))
                 self._human_scores = {"human_cider": float(human["CIDEr"])}
             scores.update(self._human_scores)
+            grounding_total = sum(item.get("grounding_total", 0) for item in by_image.values())
             if grounding_total:
-                scores["grounding"] = grounded / grounding_total
+                scores["grounding"] = (
+                    sum(item.get("grounded", 0) for item in by_image.values()) / grounding_total
+                )
+            self.validation_num_samples = len(by_image)
         return self.trainer.strategy.broadcast(scores, src=0)
+
+
+def log_rank_identical(module: pl.LightningModule, values: dict[str, Any]) -> None:
+    """``module.log`` values that are already the same on every rank (gathered, then scored once).
+
+    ``sync_dist=True`` would average them across ranks, which is pointless and, with 3 ranks, not even exact
+    in floating point. Lightning advises it for every epoch-level value under DDP, when it reads the values
+    back after the epoch; that advice is silenced for exactly these keys.
+    """
+    for key, value in values.items():
+        warnings.filterwarnings(
+            "ignore", message=re.escape(f"It is recommended to use `self.log({key!r}, ..., sync_dist=True)`")
+        )
+        module.log(key, value, sync_dist=False)
+
+
+def unique_by_image(outputs: list[dict]) -> dict[int, dict]:
+    """One validation record per image id, in ascending id order.
+
+    ``DistributedSampler`` pads a split whose size the world size does not divide by repeating its first
+    samples, so gathered outputs can hold an image twice (with the same caption: decoding is per image).
+    Ascending ids make the scorers see the same images in the same order whatever the world size, so
+    their float sums, and therefore the scores, are bit-identical to a single-process run.
+    """
+    by_image: dict[int, dict] = {}
+    for item in outputs:
+        by_image.setdefault(item["image_id"], item)
+    return {image_id: by_image[image_id] for image_id in sorted(by_image)}
 
 
 def gather_outputs(outputs: list[dict]) -> list[dict]:
@@ -250,7 +304,15 @@ def gather_outputs(outputs: list[dict]) -> list[dict]:
     return [item for rank_outputs in gathered for item in rank_outputs]
 
 
-def check_vocabulary(expected: Vocabulary, actual: Vocabulary, expected_source: str, actual_source: str) -> None:
+def restored_checkpoint(task: pl.LightningModule) -> str:
+    """``the checkpoint PATH`` while a Trainer restores one (``--ckpt_path``), else ``the checkpoint``."""
+    path = task._trainer.ckpt_path if task._trainer is not None else None
+    return f"the checkpoint {path}" if path else "the checkpoint"
+
+
+def check_vocabulary(
+    expected: Vocabulary, actual: Vocabulary, expected_source: str, actual_source: str
+) -> None:
     """Refuse to combine a model and data whose vocabularies differ, naming both."""
     if expected.tokens == actual.tokens:
         return

@@ -18,13 +18,15 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 
 from updown.callbacks import checkpoint_callbacks
 from updown.data.vocabulary import AnswerVocabulary, Vocabulary
 from updown.losses import soft_score_bce
+from updown.metrics.distributed import MeanPerSample
 from updown.metrics.vqa_accuracy import VQAAccuracy
 from updown.models.vqa import UpDownVQA
-from updown.tasks.captioning import check_vocabulary
+from updown.tasks.captioning import check_vocabulary, log_rank_identical, restored_checkpoint
 from updown.tasks.optim import configure_from_hparams
 
 
@@ -91,6 +93,10 @@ class VQATask(pl.LightningModule):
         # so the result is exact under DDP (whose sampler repeats questions to even out the ranks).
         self.val_accuracy = VQAAccuracy(normalization=normalization)
         self.val_question_only_accuracy = VQAAccuracy(normalization=normalization)
+        # val/loss likewise: a per-question mean, not a per-rank mean of batch means.
+        self.val_loss = MeanPerSample()
+        # Questions the last validation scored (every rank), DDP padding repeats removed.
+        self.validation_num_samples: int | None = None
 
     # ----------------------------------------------------------------------------------------------- model
     def build_model(
@@ -174,7 +180,8 @@ class VQATask(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "answer_vocabulary" not in checkpoint or "question_vocabulary" not in checkpoint:
             raise ValueError(
-                "The checkpoint holds no VQA vocabularies: it was not written by a updown VQA task."
+                f"{restored_checkpoint(self)} holds no VQA vocabularies: it was not written by a updown VQA "
+                "task. Pass the checkpoint of a VQA run."
             )
         question_vocabulary = Vocabulary(checkpoint["question_vocabulary"])
         answer_vocabulary = AnswerVocabulary(checkpoint["answer_vocabulary"])
@@ -188,12 +195,15 @@ class VQATask(pl.LightningModule):
             )
         else:
             # Resuming onto a model built from the data: the checkpoint must use the data's vocabularies.
-            check_vocabulary(question_vocabulary, self.question_vocabulary, "the checkpoint's question vocabulary",
-                             "the data's")  # fmt: skip
-            check_answer_vocabulary(answer_vocabulary, self.answer_vocabulary, "the checkpoint", "the data")
+            source = restored_checkpoint(self)
+            data = f"the data ({getattr(getattr(self._trainer, 'datamodule', None), 'prepared_dir', None)})"
+            check_vocabulary(
+                question_vocabulary, self.question_vocabulary, f"{source} (question vocabulary)", data
+            )
+            check_answer_vocabulary(answer_vocabulary, self.answer_vocabulary, source, data)
 
     def configure_callbacks(self):
-        return checkpoint_callbacks(self.monitor)
+        return checkpoint_callbacks(self.monitor, self._trainer)
 
     # -------------------------------------------------------------------------------------------- training
     def _logits(self, model: UpDownVQA, batch: dict) -> torch.Tensor:
@@ -260,7 +270,11 @@ class VQATask(pl.LightningModule):
                 "not test-dev. Set data.init_args.val_split to an annotated split."
             )
         logits = self._logits(self.model, batch)
-        self.log("val/loss", soft_score_bce(logits, batch["answer_scores"]), batch_size=logits.size(0))
+        # shape: (B,) soft_score_bce per question: its mean over the batch is soft_score_bce of the batch
+        question_losses = F.binary_cross_entropy_with_logits(
+            logits, batch["answer_scores"].to(logits.dtype), reduction="none"
+        ).sum(dim=1)
+        self.val_loss.update(question_losses, batch["question_id"])
         types = batch.get("answer_types")
         self.val_accuracy.update(self.answers_of(logits), batch["answers"], batch["question_id"], types)
         if self.question_only_model is not None:
@@ -268,15 +282,20 @@ class VQATask(pl.LightningModule):
             self.val_question_only_accuracy.update(answers, batch["answers"], batch["question_id"], types)
 
     def on_validation_epoch_end(self) -> None:
+        # Each compute() gathers the per-question states of every rank and keeps one copy of each question,
+        # so every rank logs the same numbers, those of a single process: no sync_dist needed.
+        values = {"val/loss": self.val_loss.compute().float()}
+        self.val_loss.reset()
         pairs = [("val/vqa_accuracy", self.val_accuracy)]
         if self.question_only_model is not None:
             pairs.append(("val/question_only_accuracy", self.val_question_only_accuracy))
         for prefix, metric in pairs:
-            # compute() syncs across ranks itself, so every rank logs the same numbers.
             for key, value in metric.compute().items():
                 name = prefix if key == "overall" else f"{prefix}_{answer_type_key(key)}"
-                self.log(name, 100 * value.float(), sync_dist=False)
+                values[name] = (100 * value).float()
             metric.reset()
+        self.validation_num_samples = self.val_accuracy.num_questions
+        log_rank_identical(self, values)
 
     def predict_step(self, batch: dict, batch_index: int) -> list[dict[str, Any]]:
         """Official results entries ``{"question_id": int, "answer": str}`` for a batch."""
