@@ -116,3 +116,18 @@ def test_invalid_sizes_are_rejected():
         GatedTanh(4, 2, dropout=1.0)
     with pytest.raises(ValueError, match="out_features"):
         GatedTanh(4, 0)
+
+
+def test_relu_layer_equals_relu_of_linear_on_the_concatenation():
+    from updown.modules.gated_tanh import ReLULayer
+
+    torch.manual_seed(0)
+    layer = ReLULayer(7, 5, weight_norm=True)
+    x, context = torch.randn(3, 4, 4), torch.randn(3, 3)
+    expected = torch.relu(layer.linear(torch.cat([x, context.unsqueeze(1).expand(3, 4, 3)], dim=-1)))
+    assert torch.allclose(layer(x, context=context), expected, atol=1e-6)
+    assert torch.allclose(
+        layer(torch.cat([x, context.unsqueeze(1).expand(3, 4, 3)], -1)), expected, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="in_features"):
+        layer(torch.randn(2, 6))

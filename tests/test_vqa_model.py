@@ -37,9 +37,18 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("fusion", ["product", "cross_attention"])
-def test_padded_boxes_get_zero_attention_and_garbage_in_them_changes_nothing(fusion):
-    model = _model(fusion=fusion).eval()
+VARIANTS = [
+    {"fusion": "product"},
+    {"fusion": "cross_attention"},
+    {"attention": "product"},
+    {"activation": "relu", "attention": "product", "feature_norm": "layer"},
+    {"fusion": "cross_attention", "feature_norm": "layer"},
+]
+
+
+@pytest.mark.parametrize("options", VARIANTS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_padded_boxes_get_zero_attention_and_garbage_in_them_changes_nothing(options):
+    model = _model(**options).eval()
     batch = _batch()
     mask = batch["image_features_mask"]
     with torch.no_grad():
@@ -74,6 +83,45 @@ def test_attention_is_the_softmax_of_gated_tanh_scores_over_real_boxes():
                 ]
             ).squeeze(-1)
             assert torch.allclose(attention[b, :num_boxes], torch.softmax(scores, dim=0), atol=1e-6)
+
+
+def test_product_attention_is_the_softmax_of_projected_products_over_real_boxes():
+    """a_i = softmax_i(w^T (f_v(v_i) * f_q(q))) over real boxes (the reproduction's NewAttention), with f the
+    ReLU layer and LayerNorm'd features when asked."""
+    model = _model(attention="product", activation="relu", feature_norm="layer").eval()
+    batch = _batch()
+    with torch.no_grad():
+        attention = model(**batch)["attention"]
+        for b in range(B):
+            length = int(batch["question_lengths"][b])
+            states, _ = model.gru(model.embedding(batch["question_tokens"][b : b + 1, :length]))
+            question = states[0, -1]
+            num_boxes = int(batch["image_features_mask"][b].sum())
+            regions = F.layer_norm(
+                batch["image_features"][b, :num_boxes],
+                (D,),
+                model.feature_norm.weight,
+                model.feature_norm.bias,
+            )
+            projected_v = F.relu(
+                regions @ model.attention.image_scorer.linear.weight.T
+                + model.attention.image_scorer.linear.bias
+            )
+            projected_q = F.relu(model.attention.question_scorer.linear(question))
+            scores = model.attention.score(projected_v * projected_q).squeeze(-1)
+            assert torch.allclose(attention[b, :num_boxes], torch.softmax(scores, dim=0), atol=1e-6)
+
+
+def test_relu_activation_replaces_every_gated_tanh():
+    from updown.modules.gated_tanh import GatedTanh, ReLULayer
+
+    for options in ({"activation": "relu"}, {"activation": "relu", "attention": "product"}):
+        model = _model(**options)
+        assert not any(isinstance(m, GatedTanh) for m in model.modules())
+        assert sum(isinstance(m, ReLULayer) for m in model.modules()) >= 4
+    # ReLU layers have one matrix where gated tanh has two: fewer parameters, same interface.
+    relu, gated = _model(activation="relu"), _model()
+    assert sum(p.numel() for p in relu.parameters()) < sum(p.numel() for p in gated.parameters())
 
 
 @pytest.mark.parametrize("fusion", ["product", "cross_attention"])
@@ -165,7 +213,14 @@ def test_parameter_count_of_the_paper_configuration(weight_norm):
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"fusion": "cross_attention"}, {"question_only": True}, {"weight_norm": False}]
+    "options",
+    [
+        {},
+        {"fusion": "cross_attention"},
+        {"question_only": True},
+        {"weight_norm": False},
+        {"activation": "relu", "attention": "product", "feature_norm": "layer"},
+    ],
 )
 def test_gradients_reach_every_parameter(options):
     model = _model(**options).train()
@@ -176,9 +231,11 @@ def test_gradients_reach_every_parameter(options):
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None, name
         if name == "embedding.weight":
-            # Only the rows of tokens in the batch move; <pad> never does.
+            # Only the rows of tokens in the batch move; <pad> never does. (With ReLU layers a question whose
+            # joint embedding is all zero passes no gradient at all, so not every used row need move.)
             used = batch["question_tokens"][batch["question_tokens"] != 0].unique()
-            assert parameter.grad[used].abs().sum(dim=1).gt(0).all()
+            moved = parameter.grad[used].abs().sum(dim=1).gt(0)
+            assert moved.all() if options.get("activation") != "relu" else moved.any()
             assert torch.all(parameter.grad[0] == 0)
         else:
             assert parameter.grad.abs().sum() > 0, name
@@ -326,5 +383,11 @@ def test_invalid_inputs_are_rejected():
         model(**{**batch, "image_features_mask": batch["image_features_mask"].float()})
     with pytest.raises(ValueError, match="fusion"):
         _model(fusion="concat")
+    with pytest.raises(ValueError, match="attention"):
+        _model(attention="additive")
+    with pytest.raises(ValueError, match="activation"):
+        _model(activation="gelu")
+    with pytest.raises(ValueError, match="feature_norm"):
+        _model(feature_norm="batch")
     with pytest.raises(ValueError, match="feature_encoder"):
         _model(question_only=True, feature_encoder=torch.nn.Identity())

@@ -103,3 +103,41 @@ class GatedTanh(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class ReLULayer(nn.Module):
+    """``y = ReLU(W x + b)``, the fully connected layer (``FCNet``) of hengyuan-hu/bottom-up-attention-vqa.
+
+    A drop-in for :class:`GatedTanh` (same arguments, same ``context`` broadcast), so a model can swap the
+    paper's gated tanh for the reproduction's ReLU from config.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dropout: float = 0.0, weight_norm: bool = False):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(
+                f"ReLULayer: in_features={in_features} and out_features={out_features} must both be >= 1."
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dropout = nn.Dropout(dropout)
+        self.linear = linear_layer(in_features, out_features, weight_norm)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``(..., in_features)``, or ``x`` ``(..., N, in_x)`` with ``context`` ``(..., in_features - in_x)``
+        broadcast over the N rows; returns ``(..., out_features)`` or ``(..., N, out_features)``."""
+        if context is not None:
+            context = context.unsqueeze(-2).expand(*x.shape[:-1], context.shape[-1])
+            x = torch.cat([x, context], dim=-1)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"ReLULayer: input size {x.shape[-1]} != in_features {self.in_features}; pass inputs whose "
+                "last dimensions add up to in_features."
+            )
+        return F.relu(self.linear(self.dropout(x)))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+ACTIVATIONS = {"gated_tanh": GatedTanh, "relu": ReLULayer}

@@ -45,6 +45,10 @@ class VQATask(pl.LightningModule):
         classifier_dropout: dropout inside the classifier (reproduction: 0.5).
         weight_norm: weight-normalise every linear layer (reproduction: yes).
         fusion: ``"product"`` (the paper's top-down attention) or ``"cross_attention"``.
+        attention: the top-down attention's scorer: ``"concat"`` (the paper's ``w^T GT([v_i; q])``) or
+            ``"product"`` (the reproduction's ``w^T (f(v_i) * f(q))``).
+        activation: every non-linear layer: ``"gated_tanh"`` (the paper) or ``"relu"`` (the reproduction).
+        feature_norm: ``"none"`` (the paper) or ``"layer"`` (LayerNorm on each region feature first).
         num_heads: heads of the cross-attention fusion.
         glove_path: optional GloVe text file (e.g. glove.6B.300d.txt) to initialise the word embedding.
         feature_encoder: optional attention block in front of the model: "se", "nonlocal", "gc", "cot".
@@ -70,6 +74,9 @@ class VQATask(pl.LightningModule):
         classifier_dropout: float = 0.5,
         weight_norm: bool = True,
         fusion: str = "product",
+        attention: str = "concat",
+        activation: str = "gated_tanh",
+        feature_norm: str = "none",
         num_heads: int = 8,
         glove_path: str | None = None,
         feature_encoder: str | None = None,
@@ -122,6 +129,7 @@ class VQATask(pl.LightningModule):
             dropout=h.dropout,
             classifier_dropout=h.classifier_dropout,
             weight_norm=h.weight_norm,
+            activation=h.activation,
             glove_path=glove_path,
             vocabulary_tokens=question_vocabulary.tokens,
             pad_index=question_vocabulary.pad_index,
@@ -129,6 +137,8 @@ class VQATask(pl.LightningModule):
         self.model = UpDownVQA(
             **common,
             fusion=h.fusion,
+            attention=h.attention,
+            feature_norm=h.feature_norm,
             num_heads=h.num_heads,
             feature_encoder=build_feature_encoder(
                 h.feature_encoder, image_feature_size, grid_shape=grid_shape
