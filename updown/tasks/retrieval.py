@@ -28,7 +28,7 @@ from updown.losses import hardest_negative_ranking_loss
 from updown.metrics.retrieval import coco_5k_metrics, retrieval_metrics
 from updown.models.retrieval import BFANRetrieval
 from updown.modules.focal import FOCAL_TYPES
-from updown.tasks.captioning import check_vocabulary, gather_outputs
+from updown.tasks.captioning import check_vocabulary, gather_outputs, log_rank_identical
 from updown.tasks.optim import configure_from_hparams
 
 PROTOCOLS = ("full", "1k", "5k")
@@ -293,8 +293,8 @@ class RetrievalTask(pl.LightningModule):
     def _log_scores(self, prefix: str) -> None:
         scores = self.score_outputs(gather_outputs(self._outputs))
         self._outputs = []
-        for key, value in scores.items():
-            self.log(f"{prefix}/{key}", value, sync_dist=False)
+        # Every rank holds rank 0's numbers (gathered, scored once, broadcast): log them as they are.
+        log_rank_identical(self, {f"{prefix}/{key}": value for key, value in scores.items()})
 
     def score_outputs(self, outputs: list[dict]) -> dict[str, float]:
         """Recall metrics of gathered evaluation outputs (rank 0 scores, every rank gets the numbers)."""
