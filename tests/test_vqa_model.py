@@ -115,10 +115,14 @@ def test_product_attention_is_the_softmax_of_projected_products_over_real_boxes(
 def test_relu_activation_replaces_every_gated_tanh():
     from updown.modules.gated_tanh import GatedTanh, ReLULayer
 
-    for options in ({"activation": "relu"}, {"activation": "relu", "attention": "product"}):
+    for options in (
+        {"activation": "relu"},
+        {"activation": "relu", "attention": "product"},
+        {"activation": "relu", "fusion": "cross_attention"},
+    ):
         model = _model(**options)
         assert not any(isinstance(m, GatedTanh) for m in model.modules())
-        assert sum(isinstance(m, ReLULayer) for m in model.modules()) >= 4
+        assert sum(isinstance(m, ReLULayer) for m in model.modules()) >= 3
     # ReLU layers have one matrix where gated tanh has two: fewer parameters, same interface.
     relu, gated = _model(activation="relu"), _model()
     assert sum(p.numel() for p in relu.parameters()) < sum(p.numel() for p in gated.parameters())

@@ -294,7 +294,7 @@ class UpDownVQA(nn.Module):
         elif not question_only:
             # The fusion projects the question tokens itself.
             self.fusion = CrossAttentionFusion(
-                hidden_size, image_feature_size, hidden_size, num_heads, dropout, weight_norm
+                hidden_size, image_feature_size, hidden_size, num_heads, dropout, weight_norm, layer=layer
             )
         self.classifier = nn.Sequential(
             layer(hidden_size, 2 * hidden_size, weight_norm=weight_norm),

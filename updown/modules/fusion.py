@@ -31,6 +31,8 @@ class CrossAttentionFusion(nn.Module):
         num_heads: attention heads.
         dropout: dropout on the attention weights and on the inputs of the gated-tanh projections.
         weight_norm: weight-normalise the gated-tanh projections (see :class:`GatedTanh`).
+        layer: the class of the two projections: :class:`GatedTanh` (the paper's non-linearity) or
+            :class:`~updown.modules.gated_tanh.ReLULayer`, as the rest of the model.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class CrossAttentionFusion(nn.Module):
         num_heads: int = 8,
         dropout: float = 0.2,
         weight_norm: bool = True,
+        layer: type[nn.Module] = GatedTanh,
     ):
         super().__init__()
         if num_heads < 1 or question_size % num_heads != 0:
@@ -56,8 +59,8 @@ class CrossAttentionFusion(nn.Module):
             vdim=image_feature_size,
             batch_first=True,
         )
-        self.question_projection = GatedTanh(question_size, hidden_size, dropout, weight_norm)
-        self.attended_projection = GatedTanh(question_size, hidden_size, dropout, weight_norm)
+        self.question_projection = layer(question_size, hidden_size, dropout, weight_norm)
+        self.attended_projection = layer(question_size, hidden_size, dropout, weight_norm)
 
     def forward(
         self,
