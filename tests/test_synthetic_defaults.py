@@ -19,9 +19,9 @@ from updown.fit import main
 pytestmark = pytest.mark.slow
 
 
-def _fit(tmp_path, monkeypatch, *args: str) -> dict:
+def _fit(tmp_path, monkeypatch, *args: str, run: str = "run") -> dict:
     monkeypatch.setenv("UPDOWN_DATA", str(tmp_path / "data"))
-    root = tmp_path / "run"
+    root = tmp_path / run
     # As a user runs it: every core (conftest pins the fast suite to one thread).
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -35,10 +35,22 @@ def _fit(tmp_path, monkeypatch, *args: str) -> dict:
     return json.loads((root / "lightning_logs" / "version_0" / "metrics.json").read_text())
 
 
-def test_captioning_default_beats_human_consensus_and_grounds_its_words(tmp_path, monkeypatch):
+def test_captioning_default_beats_human_consensus_then_scst_adds_5_percent(tmp_path, monkeypatch):
     metrics = _fit(tmp_path, monkeypatch)  # no --config: python -m updown.fit's default
     assert metrics["val/cider"] > metrics["val/human_cider"], metrics
     assert metrics["val/grounding"] >= 0.8, metrics
+    # Stage 2 as the README shows it: SCST from the XE run's best checkpoint.
+    captioning = ROOT / "configs" / "captioning"
+    scst = _fit(
+        tmp_path,
+        monkeypatch,
+        "--config", str(captioning / "synthetic.yaml"),
+        "--config", str(captioning / "synthetic_scst.yaml"),
+        "--model.init_args.init_weights", metrics["best_checkpoint"],
+        run="scst",
+    )  # fmt: skip
+    assert scst["start/val/cider"] == pytest.approx(metrics["best/val/cider"], rel=1e-6)
+    assert scst["val/cider"] >= 1.05 * scst["start/val/cider"], scst
 
 
 def test_vqa_default_reaches_80_and_beats_the_language_prior_by_25(tmp_path, monkeypatch):

@@ -7,19 +7,17 @@ a checkpoint from another vocabulary is refused with both vocabularies named.
 
 from __future__ import annotations
 
-import re
-import warnings
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 
 from updown.callbacks import checkpoint_callbacks
 from updown.data.vocabulary import Vocabulary
 from updown.decoding import beam_search
 from updown.losses import sequence_cross_entropy
 from updown.models.captioner import UpDownCaptioner
+from updown.tasks.distributed import gather_outputs, log_rank_identical
 from updown.tasks.optim import configure_from_hparams
 
 # pycocoevalcap keys -> our log keys.
@@ -267,20 +265,6 @@ class CaptioningTask(pl.LightningModule):
         return self.trainer.strategy.broadcast(scores, src=0)
 
 
-def log_rank_identical(module: pl.LightningModule, values: dict[str, Any]) -> None:
-    """``module.log`` values that are already the same on every rank (gathered, then scored once).
-
-    ``sync_dist=True`` would average them across ranks, which is pointless and, with 3 ranks, not even exact
-    in floating point. Lightning advises it for every epoch-level value under DDP, when it reads the values
-    back after the epoch; that advice is silenced for exactly these keys.
-    """
-    for key, value in values.items():
-        warnings.filterwarnings(
-            "ignore", message=re.escape(f"It is recommended to use `self.log({key!r}, ..., sync_dist=True)`")
-        )
-        module.log(key, value, sync_dist=False)
-
-
 def unique_by_image(outputs: list[dict]) -> dict[int, dict]:
     """One validation record per image id, in ascending id order.
 
@@ -293,15 +277,6 @@ def unique_by_image(outputs: list[dict]) -> dict[int, dict]:
     for item in outputs:
         by_image.setdefault(item["image_id"], item)
     return {image_id: by_image[image_id] for image_id in sorted(by_image)}
-
-
-def gather_outputs(outputs: list[dict]) -> list[dict]:
-    """All ranks' outputs on every rank (a no-op in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return outputs
-    gathered: list[list[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(gathered, outputs)
-    return [item for rank_outputs in gathered for item in rank_outputs]
 
 
 def restored_checkpoint(task: pl.LightningModule) -> str:

@@ -28,7 +28,8 @@ from updown.losses import hardest_negative_ranking_loss
 from updown.metrics.retrieval import coco_5k_metrics, retrieval_metrics
 from updown.models.retrieval import BFANRetrieval
 from updown.modules.focal import FOCAL_TYPES
-from updown.tasks.captioning import check_vocabulary, gather_outputs, log_rank_identical
+from updown.tasks.captioning import check_vocabulary
+from updown.tasks.distributed import gather_outputs, log_rank_identical
 from updown.tasks.optim import configure_from_hparams
 
 PROTOCOLS = ("full", "1k", "5k")

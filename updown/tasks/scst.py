@@ -29,7 +29,8 @@ from updown.data.vocabulary import Vocabulary
 from updown.decoding import greedy_decode, reorder_state, repeat_state, sample_decode, state_batch_size
 from updown.losses import scst_loss
 from updown.metrics.cider import CiderD, ngram_counts
-from updown.tasks.captioning import CaptioningTask, check_vocabulary, gather_outputs
+from updown.tasks.captioning import CaptioningTask, check_vocabulary
+from updown.tasks.distributed import gather_outputs
 
 BASELINES = ("mean_of_others", "greedy", "beam_mean")
 
