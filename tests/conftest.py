@@ -49,6 +49,17 @@ def write_features(
     return written
 
 
+def synthetic_world_args(data_root: Path, spec: SyntheticSpec = TINY_SPEC) -> list[str]:
+    """`updown.fit` arguments that point any synthetic datamodule at the world of ``spec`` under ``data_root``."""
+    return [
+        "--data.init_args.data_root", str(data_root),
+        "--data.init_args.synthetic.num_train", str(spec.num_train),
+        "--data.init_args.synthetic.num_val", str(spec.num_val),
+        "--data.init_args.synthetic.num_test", str(spec.num_test),
+        "--data.init_args.synthetic.feature_size", str(spec.feature_size),
+    ]  # fmt: skip
+
+
 def tiny_captioning_args(root: Path, data_root: Path, *extra: str) -> list[str]:
     """`updown.fit` arguments: the synthetic default config, shrunk to the tiny world and a tiny model."""
     return [
@@ -59,11 +70,7 @@ def tiny_captioning_args(root: Path, data_root: Path, *extra: str) -> list[str]:
         "--model.init_args.embedding_size", "16",
         "--model.init_args.hidden_size", "32",
         "--model.init_args.attention_size", "16",
-        "--data.init_args.data_root", str(data_root),
-        "--data.init_args.synthetic.num_train", str(TINY_SPEC.num_train),
-        "--data.init_args.synthetic.num_val", str(TINY_SPEC.num_val),
-        "--data.init_args.synthetic.num_test", str(TINY_SPEC.num_test),
-        "--data.init_args.synthetic.feature_size", str(TINY_SPEC.feature_size),
+        *synthetic_world_args(data_root),
         *extra,
     ]  # fmt: skip
 

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_SPEC, tiny_captioning_args
+from conftest import ROOT, TINY_SPEC, synthetic_world_args, tiny_captioning_args
 
 # Imported at collection, not inside a test: Lightning's log handlers must not bind to a test's captured stderr.
 import updown.evaluate
@@ -55,11 +55,7 @@ def vqa_fit_args(root: Path, data_root: Path, *extra: str) -> list[str]:
         "--model.init_args.embedding_size", "8",
         "--model.init_args.hidden_size", "16",
         "--data.init_args.batch_size", "64",
-        "--data.init_args.data_root", str(data_root),
-        "--data.init_args.synthetic.num_train", str(TINY_SPEC.num_train),
-        "--data.init_args.synthetic.num_val", str(TINY_SPEC.num_val),
-        "--data.init_args.synthetic.num_test", str(TINY_SPEC.num_test),
-        "--data.init_args.synthetic.feature_size", str(TINY_SPEC.feature_size),
+        *synthetic_world_args(data_root),
         *extra,
     ]  # fmt: skip
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_SPEC, tiny_captioning_args
+from conftest import ROOT, TINY_SPEC, synthetic_world_args, tiny_captioning_args
 from torch.utils.data import DistributedSampler
 
 from updown.data.synthetic import ensure_synthetic_world
@@ -47,13 +47,7 @@ def odd_world(tmp_path_factory) -> Path:
 
 
 def synthetic_args(data_root: Path) -> list[str]:
-    return [
-        "--data.init_args.data_root", str(data_root),
-        "--data.init_args.synthetic.num_train", str(SPEC.num_train),
-        "--data.init_args.synthetic.num_val", str(SPEC.num_val),
-        "--data.init_args.synthetic.num_test", str(SPEC.num_test),
-        "--data.init_args.synthetic.feature_size", str(SPEC.feature_size),
-    ]  # fmt: skip
+    return synthetic_world_args(data_root, SPEC)
 
 
 def fit(args: list[str]) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import REALDATA, ROOT, TINY_SPEC
+from conftest import REALDATA, ROOT, TINY_SPEC, synthetic_world_args
 
 from updown.data.caption_preparation import ImageCaptions, read_prepared_captions, read_split_list
 from updown.data.readers import RegionFeatures
@@ -45,11 +45,7 @@ def tiny_args(root: Path, data_root: Path, *extra: str) -> list[str]:
         "--model.init_args.joint_embedding_size", "16",
         "--data.init_args.batch_size", str(BATCH_SIZE),
         "--data.init_args.eval_batch_size", str(EVAL_BATCH_SIZE),
-        "--data.init_args.data_root", str(data_root),
-        "--data.init_args.synthetic.num_train", str(TINY_SPEC.num_train),
-        "--data.init_args.synthetic.num_val", str(TINY_SPEC.num_val),
-        "--data.init_args.synthetic.num_test", str(TINY_SPEC.num_test),
-        "--data.init_args.synthetic.feature_size", str(TINY_SPEC.feature_size),
+        *synthetic_world_args(data_root),
         *extra,
     ]  # fmt: skip
 

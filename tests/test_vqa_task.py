@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_SPEC
+from conftest import ROOT, TINY_SPEC, synthetic_world_args
 
 from updown.data.vocabulary import AnswerVocabulary, Vocabulary
 from updown.data.vqa_data import VQADataModule
@@ -36,11 +36,7 @@ def tiny_args(root: Path, data_root: Path, *extra: str) -> list[str]:
         "--model.init_args.embedding_size", "8",
         "--model.init_args.hidden_size", "16",
         "--data.init_args.batch_size", str(BATCH_SIZE),
-        "--data.init_args.data_root", str(data_root),
-        "--data.init_args.synthetic.num_train", str(spec.num_train),
-        "--data.init_args.synthetic.num_val", str(spec.num_val),
-        "--data.init_args.synthetic.num_test", str(spec.num_test),
-        "--data.init_args.synthetic.feature_size", str(spec.feature_size),
+        *synthetic_world_args(data_root, spec),
         *extra,
     ]  # fmt: skip
 
@@ -178,21 +174,50 @@ def test_predict_vqa_writes_official_results_and_attention(fitted_run, tmp_path)
 
     checkpoint = fitted_run / "checkpoints" / "last.ckpt"
     output, attention, scores = tmp_path / "results.json", tmp_path / "attention.h5", tmp_path / "scores.json"
-    assert predict_main(["vqa", "--checkpoint", str(checkpoint), "--split", "val", "--output", str(output),
-                         "--attention", str(attention), "--score", str(scores)]) == 0
+    assert (
+        predict_main(
+            [
+                "vqa",
+                "--checkpoint",
+                str(checkpoint),
+                "--split",
+                "val",
+                "--output",
+                str(output),
+                "--attention",
+                str(attention),
+                "--score",
+                str(scores),
+            ]
+        )
+        == 0
+    )
     results = json.loads(output.read_text())
     assert all(set(r) == {"question_id", "answer"} for r in results)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     from updown.data.datamodules import datamodule_from_checkpoint
 
     data = datamodule_from_checkpoint(VQADataModule, saved)
-    assert evaluate_main(["vqa", "--questions", str(data.questions_jsonpath("val")), "--annotations",
-                          str(data.annotations_jsonpath("val")), "--results", str(output),
-                          "--output", str(tmp_path / "official.json")]) == 0
+    assert (
+        evaluate_main(
+            [
+                "vqa",
+                "--questions",
+                str(data.questions_jsonpath("val")),
+                "--annotations",
+                str(data.annotations_jsonpath("val")),
+                "--results",
+                str(output),
+                "--output",
+                str(tmp_path / "official.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads(scores.read_text()) == json.loads((tmp_path / "official.json").read_text())
     with h5py.File(attention) as f:
         weights, num_boxes = f["attention"][()], f["num_boxes"][()]
         assert len(weights) == len(results)
         for row in range(len(weights)):
             np.testing.assert_allclose(weights[row, : num_boxes[row]].sum(), 1.0, atol=1e-5)
-            assert np.all(weights[row, num_boxes[row]:] == 0)
+            assert np.all(weights[row, num_boxes[row] :] == 0)

@@ -45,14 +45,19 @@ class MetricsReport(pl.Callback):
         metrics["global_step"] = trainer.global_step
         path = run_directory(trainer) / "metrics.json"
         write_json(path, metrics, indent=2)
-        table = Table(title="Final metrics")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key, value in metrics.items():
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-        console = Console()
-        console.print(table)
-        console.print(f"Written to {path}")
+        print_metrics("Final metrics", metrics, path)
+
+
+def print_metrics(title: str, metrics: dict[str, Any], path: Path) -> None:
+    """A rich table of ``metrics`` (floats to 4 decimals), then where they were written."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console = Console()
+    console.print(table)
+    console.print(f"Written to {path}")
 
 
 class BestCheckpoint(ModelCheckpoint):

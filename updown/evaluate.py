@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from updown.cli import USER_ERRORS, error_message
-from updown.io import read_json, write_json
+from updown.io import check_output_paths, read_json, write_json
 from updown.metrics.coco_caption import METRICS as CAPTION_METRICS
 
 PROG = "python -m updown.evaluate"
@@ -231,19 +231,9 @@ def run_vqa(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Refuse output paths that are folders, or existing files without ``--force``, before scoring (minutes)."""
-    for flag, path in (
-        ("--output", args.output),
-        ("--per-image-output", getattr(args, "per_image_output", None)),
-    ):
-        if path is None:
-            continue
-        if Path(path).is_dir():
-            raise IsADirectoryError(f"{flag} {path}: is a folder. Give a file path.")
-        if Path(path).exists() and not args.force:
-            raise FileExistsError(
-                f"{flag} {path}: output file exists. Pass --force to overwrite it, or choose another path."
-            )
+    """Refuse bad output paths before scoring (minutes), not after."""
+    outputs = {"--output": args.output, "--per-image-output": getattr(args, "per_image_output", None)}
+    check_output_paths(outputs, args.force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

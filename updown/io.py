@@ -29,7 +29,9 @@ def atomic_output(path: str | os.PathLike, force: bool = True) -> Iterator[Path]
     """
     path = Path(path)
     if path.exists() and not force:
-        raise FileExistsError(f"{path}: output file exists. Pass --force to overwrite it, or choose another path.")
+        raise FileExistsError(
+            f"{path}: output file exists. Pass --force to overwrite it, or choose another path."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -77,3 +79,25 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
             f"{path}: {what} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}). "
             "Regenerate it or point to the right file."
         ) from None
+
+
+def check_output_paths(outputs: dict[str, str | os.PathLike | None], force: bool) -> None:
+    """Refuse output paths before the long work that fills them: folders, and existing files unless ``force``.
+
+    Args:
+        outputs: command-line flag -> the path it names (None: not asked for), e.g. ``{"--output": "r.json"}``.
+        force: overwrite existing files (``--force``).
+
+    Raises:
+        IsADirectoryError: a path is a folder.
+        FileExistsError: a file exists and ``force`` is False.
+    """
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise IsADirectoryError(f"{flag} {path}: is a folder. Give a file path.")
+        if Path(path).exists() and not force:
+            raise FileExistsError(
+                f"{flag} {path}: output file exists. Pass --force to overwrite it, or choose another path."
+            )

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from updown.cli import run_guarded
-from updown.io import atomic_output, write_json
+from updown.io import atomic_output, check_output_paths, write_json
 
 PROG = "python -m updown.predict"
 
@@ -51,7 +51,9 @@ def load_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises many types for a truncated or foreign file
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({error}). Use a .ckpt written by updown.fit.") from None
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint ({error}). Use a .ckpt written by updown.fit."
+        ) from None
 
 
 def caption_datamodule(checkpoint: dict, args: argparse.Namespace):
@@ -82,13 +84,17 @@ def predict_captions(args: argparse.Namespace) -> int:
     check_vocabulary(task.vocabulary, datamodule.vocabulary, args.checkpoint, str(datamodule.vocabulary_path))
     datamodule.setup("predict")
     dataset = datamodule.evaluation_dataset(args.split)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=dataset.collate)
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=dataset.collate
+    )
     results, rows = [], []
     with torch.no_grad():
         for batch in track(loader, description=f"Decoding {args.split}", transient=True):
             features = batch["image_features"].to(args.device)
             mask = batch["image_features_mask"].to(args.device)
-            output = task.decode({"image_features": features, "image_features_mask": mask}, beam_size=args.beam_size)
+            output = task.decode(
+                {"image_features": features, "image_features_mask": mask}, beam_size=args.beam_size
+            )
             captions = task.captions_of(output.tokens)
             for row, image_id in enumerate(batch["image_id"].tolist()):
                 results.append({"image_id": image_id, "caption": captions[row]})
@@ -103,7 +109,9 @@ def predict_captions(args: argparse.Namespace) -> int:
         from updown.metrics.coco_caption import score_captions
 
         references = {image_id: refs for image_id, refs in zip(dataset.image_ids, dataset.references)}
-        scores, _ = score_captions(references, {r["image_id"]: r["caption"] for r in results}, spice=args.spice)
+        scores, _ = score_captions(
+            references, {r["image_id"]: r["caption"] for r in results}, spice=args.spice
+        )
         write_json(args.score, scores, force=args.force, indent=2)
         print(json.dumps(scores, indent=2))
     return 0
@@ -167,15 +175,21 @@ def predict_vqa(args: argparse.Namespace) -> int:
         # The task calls itself "the model"; the user needs to know which file that is.
         raise ValueError(f"{args.checkpoint}: {error}") from None
     dataset = datamodule.dataset(args.split)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=dataset.collate)
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=dataset.collate
+    )
     results, rows = [], []
     with torch.no_grad():
         for batch in track(loader, description=f"Answering {args.split}", transient=True):
-            inputs = {key: batch[key].to(args.device) for key in
-                      ("image_features", "image_features_mask", "question_tokens", "question_lengths")}
+            inputs = {
+                key: batch[key].to(args.device)
+                for key in ("image_features", "image_features_mask", "question_tokens", "question_lengths")
+            }
             output = task.model(**inputs)
             answers = task.answers_of(output["logits"])
-            results.extend({"question_id": q, "answer": a} for q, a in zip(batch["question_id"].tolist(), answers))
+            results.extend(
+                {"question_id": q, "answer": a} for q, a in zip(batch["question_id"].tolist(), answers)
+            )
             if args.attention:
                 rows.append((batch, output["attention"].float().cpu(), answers))
     write_json(args.output, results, force=args.force)
@@ -190,9 +204,13 @@ def predict_vqa(args: argparse.Namespace) -> int:
 
         annotations = datamodule.annotations_jsonpath(args.split)
         if annotations is None:
-            raise ValueError(f"--score: split '{args.split}' has no annotations; submit {args.output} to the server.")
+            raise ValueError(
+                f"--score: split '{args.split}' has no annotations; submit {args.output} to the server."
+            )
         questions = read_json(datamodule.questions_jsonpath(args.split), "VQA questions JSON")
-        scores = evaluate_vqa(questions, read_json(annotations, "VQA annotations JSON"), results, task.hparams.normalization)
+        scores = evaluate_vqa(
+            questions, read_json(annotations, "VQA annotations JSON"), results, task.hparams.normalization
+        )
         write_json(args.score, scores, force=args.force, indent=2)
         print(json.dumps({"overall": scores["overall"], "perAnswerType": scores["perAnswerType"]}, indent=2))
     return 0
@@ -228,17 +246,25 @@ def write_question_attention(path: str, rows: list, questions: list[str], force:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     captions = subparsers.add_parser("captions", help="decode captions into the COCO results format")
     captions.add_argument("--checkpoint", required=True, help="a .ckpt written by updown.fit (XE or SCST)")
-    captions.add_argument("--split", default="test", help="split of the prepared captions to decode (default: test)")
+    captions.add_argument(
+        "--split", default="test", help="split of the prepared captions to decode (default: test)"
+    )
     captions.add_argument("--output", required=True, help='results JSON: [{"image_id": int, "caption": str}]')
     captions.add_argument("--attention", help="also save per-word attention to this HDF5 file")
-    captions.add_argument("--score", metavar="JSON", help="also score against the split's references, write scores here")
+    captions.add_argument(
+        "--score", metavar="JSON", help="also score against the split's references, write scores here"
+    )
     captions.add_argument("--spice", default="off", choices=("auto", "on", "off"), help="SPICE with --score")
     captions.add_argument("--beam-size", type=int, default=None, help="override the checkpoint's beam size")
-    captions.add_argument("--features", nargs="+", help="region-feature HDF5 file(s) instead of the checkpoint's")
+    captions.add_argument(
+        "--features", nargs="+", help="region-feature HDF5 file(s) instead of the checkpoint's"
+    )
     captions.add_argument("--captions", help="prepared captions.json instead of the checkpoint's")
     captions.add_argument("--vocabulary", help="vocabulary.json instead of the checkpoint's (must match it)")
     captions.set_defaults(handler=predict_captions)
@@ -247,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--split", default="test", help="prepared split to answer (default: test)")
     vqa.add_argument("--output", required=True, help='results JSON: [{"question_id": int, "answer": str}]')
     vqa.add_argument("--attention", help="also save each question's attention over regions to this HDF5 file")
-    vqa.add_argument("--score", metavar="JSON", help="also score an annotated split, write the official scores here")
+    vqa.add_argument(
+        "--score", metavar="JSON", help="also score an annotated split, write the official scores here"
+    )
     vqa.add_argument("--features", nargs="+", help="region-feature HDF5 file(s) instead of the checkpoint's")
     vqa.add_argument("--prepared", help="folder of tools/prepare_vqa.py instead of the checkpoint's")
     vqa.set_defaults(handler=predict_vqa)
@@ -261,17 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Refuse output paths that are folders, or existing files without ``--force``, before decoding (which can
-    take an hour) rather than after it."""
-    for flag, path in (("--output", args.output), ("--attention", args.attention), ("--score", args.score)):
-        if path is None:
-            continue
-        if Path(path).is_dir():
-            raise IsADirectoryError(f"{flag} {path}: is a folder. Give a file path.")
-        if Path(path).exists() and not args.force:
-            raise FileExistsError(
-                f"{flag} {path}: output file exists. Pass --force to overwrite it, or choose another path."
-            )
+    """Refuse bad output paths before decoding (which can take an hour), not after."""
+    check_output_paths(
+        {"--output": args.output, "--attention": args.attention, "--score": args.score}, args.force
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,9 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
+from updown.callbacks import print_metrics
 from updown.cli import run_guarded
 from updown.fit import UpDownCLI, build_cli, resolve_ckpt_path, with_default_config
 from updown.io import write_json
@@ -95,17 +93,6 @@ def validate(cli: ValidateCLI) -> dict[str, Any]:
     return report
 
 
-def print_report(report: dict[str, Any], path: Path) -> None:
-    table = Table(title="Validation metrics")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in report.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console = Console()
-    console.print(table)
-    console.print(f"Written to {path}")
-
-
 def main(args: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in args
@@ -118,7 +105,7 @@ def main(args: list[str] | None = None) -> int:
         if cli.trainer.is_global_zero:
             output = Path(cli.config.get("output") or default_output(report["checkpoint"]))
             write_json(output, report, indent=2)
-            print_report(report, output)
+            print_metrics("Validation metrics", report, output)
         return 0
 
     return run_guarded(PROG, run, debug)
