@@ -63,6 +63,13 @@ def test_padded_boxes_get_zero_attention_and_garbage_in_them_changes_nothing(opt
     assert torch.equal(output["logits"], output_garbage["logits"])
 
 
+def _question_alone(model: UpDownVQA, batch: dict, b: int) -> torch.Tensor:
+    """The GRU's last state for question ``b`` run on its own, unpadded: the reference ``q``."""
+    length = int(batch["question_lengths"][b])
+    states, _ = model.gru(model.embedding(batch["question_tokens"][b : b + 1, :length]))
+    return states[0, -1]
+
+
 def test_attention_is_the_softmax_of_gated_tanh_scores_over_real_boxes():
     """a_i = softmax_i(w^T GT([v_i; q])) over real boxes, each score computed on its own concatenation."""
     model = _model().eval()
@@ -70,10 +77,7 @@ def test_attention_is_the_softmax_of_gated_tanh_scores_over_real_boxes():
     with torch.no_grad():
         attention = model(**batch)["attention"]
         for b in range(B):
-            length = int(batch["question_lengths"][b])
-            states, _ = model.gru(model.embedding(batch["question_tokens"][b : b + 1, :length]))
-            question = states[0, -1]
-            num_boxes = int(batch["image_features_mask"][b].sum())
+            question, num_boxes = _question_alone(model, batch, b), int(batch["image_features_mask"][b].sum())
             scores = torch.stack(
                 [
                     model.attention.score(
@@ -93,10 +97,7 @@ def test_product_attention_is_the_softmax_of_projected_products_over_real_boxes(
     with torch.no_grad():
         attention = model(**batch)["attention"]
         for b in range(B):
-            length = int(batch["question_lengths"][b])
-            states, _ = model.gru(model.embedding(batch["question_tokens"][b : b + 1, :length]))
-            question = states[0, -1]
-            num_boxes = int(batch["image_features_mask"][b].sum())
+            question, num_boxes = _question_alone(model, batch, b), int(batch["image_features_mask"][b].sum())
             regions = F.layer_norm(
                 batch["image_features"][b, :num_boxes],
                 (D,),
