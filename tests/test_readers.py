@@ -155,9 +155,15 @@ def test_missing_truncated_and_nan_files(tmp_path):
     with pytest.raises(ValueError, match="not a readable HDF5 file"):
         RegionFeatures(truncated)
     _corrupt(path, lambda f: f["features"].__setitem__((1, 0, 3), np.nan))
-    RegionFeatures(path)  # the scan is optional
+    lazy = RegionFeatures(path)  # the scan is optional: the read of that image fails instead
+    lazy[100]
+    with pytest.raises(ValueError, match="NaN or inf for image 107"):
+        lazy[107]
     with pytest.raises(ValueError, match="NaN or inf for image 107"):
         RegionFeatures(path, check_finite=True)
+    # Loaded features are scanned once, when loaded.
+    with pytest.raises(ValueError, match="NaN or inf for image 107"):
+        RegionFeatures(path, in_memory=True)
 
 
 def test_unknown_image_id_names_the_id_and_the_file(tmp_path):
