@@ -35,7 +35,12 @@ class MetricsReport(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+        # The last validation's values as the task logged them; Lightning's callback_metrics would also keep
+        # keys that only an earlier validation logged.
+        last = getattr(pl_module, "last_validation_metrics", None)
+        if last is None:
+            last = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = dict(sorted(last.items()))
         metrics.update(getattr(pl_module, "extra_metrics", {}))
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.best_model_score is not None:

@@ -26,9 +26,16 @@ def log_rank_identical(module: pl.LightningModule, values: dict[str, Any]) -> No
     ``sync_dist=True`` would average them across ranks, which is pointless and, with 3 ranks, not even exact
     in floating point. Lightning advises it for every epoch-level value under DDP, when it reads the values
     back after the epoch; that advice is silenced for exactly these keys.
+
+    The ``val/*`` values of the latest call are also kept as ``module.last_validation_metrics``, which
+    :class:`~updown.callbacks.MetricsReport` reports: ``trainer.callback_metrics`` still holds a key that only
+    an earlier validation logged (e.g. ``val/grounding`` of an epoch whose captions named an object).
     """
     for key, value in values.items():
         warnings.filterwarnings(
             "ignore", message=re.escape(f"It is recommended to use `self.log({key!r}, ..., sync_dist=True)`")
         )
         module.log(key, value, sync_dist=False)
+    validation = {key: float(value) for key, value in values.items() if key.startswith("val/")}
+    if validation:
+        module.last_validation_metrics = validation
