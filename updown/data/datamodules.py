@@ -28,7 +28,9 @@ def datamodule_from_checkpoint(datamodule_class: type, checkpoint: dict, **overr
     import inspect
 
     accepted = inspect.signature(datamodule_class.__init__).parameters
-    arguments = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if k in accepted}
+    arguments = {
+        k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if k in accepted
+    }
     arguments.update({k: v for k, v in overrides.items() if v is not None})
     return datamodule_class(**arguments)
 
@@ -161,14 +163,7 @@ class CaptioningDataModule(ResumableTrainingOrder, pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Shuffled by (seed, epoch), so a run resumed mid-epoch sees exactly the batches the epoch had left.
-        dataset = self._datasets["train"]
-        return self.resumable_train_loader(
-            dataset,
-            self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=dataset.collate,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self.shuffled_train_loader(self._datasets["train"])
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._datasets[self.val_split], self.eval_batch_size, shuffle=False)

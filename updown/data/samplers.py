@@ -56,6 +56,7 @@ class ResumableShuffleSampler(DistributedSampler):
 class ResumableTrainingOrder:
     """Mixin for LightningDataModules: a shuffled training DataLoader that resumes exactly where it stopped.
 
+    Datamodules using it have ``batch_size`` and ``num_workers`` attributes (see :meth:`shuffled_train_loader`).
     The datamodule's ``state_dict`` (stored in every checkpoint) holds the shuffling seed and the position of
     the next training batch, ``(epoch, batch)``, read from the trainer's progress when the checkpoint is taken;
     ``load_state_dict`` (before the training DataLoader is built) makes :meth:`resumable_train_loader` start
@@ -83,6 +84,17 @@ class ResumableTrainingOrder:
             epoch, batch = self._resume_position
             sampler.start_at(epoch, batch * batch_size)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_arguments)
+
+    def shuffled_train_loader(self, dataset: Dataset) -> DataLoader:
+        """:meth:`resumable_train_loader` with the datamodule's ``batch_size`` and ``num_workers`` and the
+        dataset's ``collate``: every datamodule's ``train_dataloader``."""
+        return self.resumable_train_loader(
+            dataset,
+            self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=dataset.collate,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"shuffle_seed": self._shuffle_seed}

@@ -261,14 +261,7 @@ class VQADataModule(ResumableTrainingOrder, pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Shuffled by (seed, epoch), so a run resumed mid-epoch sees exactly the batches the epoch had left.
-        dataset = self.train_dataset()
-        return self.resumable_train_loader(
-            dataset,
-            self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=dataset.collate,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self.shuffled_train_loader(self.train_dataset())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset(self.val_split), self.eval_batch_size, shuffle=False)
