@@ -70,7 +70,8 @@ def predict_captions(args: argparse.Namespace) -> int:
     from rich.progress import track
     from torch.utils.data import DataLoader
 
-    from updown.tasks.captioning import CaptioningTask, check_vocabulary
+    from updown.tasks.captioning import CaptioningTask
+    from updown.tasks.vocabulary_model import check_vocabulary
 
     checkpoint = load_checkpoint(args.checkpoint)
     if "vocabulary" not in checkpoint:

@@ -7,8 +7,6 @@ a checkpoint from another vocabulary is refused with both vocabularies named.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytorch_lightning as pl
 import torch
 
@@ -19,6 +17,7 @@ from updown.losses import sequence_cross_entropy
 from updown.models.captioner import UpDownCaptioner
 from updown.tasks.distributed import gather_outputs, log_rank_identical
 from updown.tasks.optim import configure_from_hparams
+from updown.tasks.vocabulary_model import VocabularyModel
 
 # pycocoevalcap keys -> our log keys.
 METRIC_KEYS = {
@@ -27,7 +26,7 @@ METRIC_KEYS = {
 }  # fmt: skip
 
 
-class CaptioningTask(pl.LightningModule):
+class CaptioningTask(VocabularyModel, pl.LightningModule):
     """Train the UpDown captioner with cross-entropy; validate by beam search scored like the COCO server.
 
     Args:
@@ -113,40 +112,6 @@ class CaptioningTask(pl.LightningModule):
                 h.feature_encoder, image_feature_size, grid_shape=grid_shape
             ),
         )
-
-    def configure_model(self) -> None:
-        if self._trainer is None:
-            return  # load_from_checkpoint outside a Trainer: on_load_checkpoint builds from the checkpoint
-        datamodule = self.trainer.datamodule
-        if not hasattr(datamodule, "vocabulary"):
-            raise ValueError(
-                f"{type(self).__name__} needs a caption datamodule (e.g. updown.data.datamodules.CaptioningDataModule), "
-                f"got {type(datamodule).__name__}. Fix `data.class_path` in the config."
-            )
-        datamodule.setup("fit" if self.trainer.training else "validate")
-        vocabulary, features = datamodule.vocabulary, datamodule.features
-        if self.model is None:
-            self.build_model(vocabulary, features.feature_size, features.grid_shape)
-        else:
-            check_vocabulary(self.vocabulary, vocabulary, "the checkpoint", str(datamodule.vocabulary_path))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["vocabulary"] = self.vocabulary.tokens
-        checkpoint["image_feature_size"] = self.image_feature_size
-        checkpoint["grid_shape"] = self.grid_shape
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "vocabulary" not in checkpoint:
-            raise ValueError(
-                f"{restored_checkpoint(self)} holds no vocabulary: it was not written by a updown captioning "
-                "task. Pass the checkpoint of a captioning run."
-            )
-        vocabulary = Vocabulary(checkpoint["vocabulary"])
-        if self.model is None:
-            self.build_model(vocabulary, checkpoint["image_feature_size"], checkpoint.get("grid_shape"))
-        else:
-            data = getattr(getattr(self._trainer, "datamodule", None), "vocabulary_path", None)
-            check_vocabulary(vocabulary, self.vocabulary, restored_checkpoint(self), f"the data ({data})")
 
     def configure_callbacks(self):
         return checkpoint_callbacks(self.monitor, self._trainer)
@@ -277,27 +242,3 @@ def unique_by_image(outputs: list[dict]) -> dict[int, dict]:
     for item in outputs:
         by_image.setdefault(item["image_id"], item)
     return {image_id: by_image[image_id] for image_id in sorted(by_image)}
-
-
-def restored_checkpoint(task: pl.LightningModule) -> str:
-    """``the checkpoint PATH`` while a Trainer restores one (``--ckpt_path``), else ``the checkpoint``."""
-    path = task._trainer.ckpt_path if task._trainer is not None else None
-    return f"the checkpoint {path}" if path else "the checkpoint"
-
-
-def check_vocabulary(
-    expected: Vocabulary, actual: Vocabulary, expected_source: str, actual_source: str
-) -> None:
-    """Refuse to combine a model and data whose vocabularies differ, naming both."""
-    if expected.tokens == actual.tokens:
-        return
-    differing = next((i for i, (a, b) in enumerate(zip(expected.tokens, actual.tokens)) if a != b), None)
-    where = (
-        f"first difference at index {differing}: {expected.tokens[differing]!r} vs {actual.tokens[differing]!r}"
-        if differing is not None
-        else "one is a prefix of the other"
-    )
-    raise ValueError(
-        f"Vocabulary mismatch: {expected_source} has {len(expected)} tokens, {actual_source} has {len(actual)} "
-        f"({where}). Use the vocabulary.json the checkpoint was trained with, or retrain."
-    )

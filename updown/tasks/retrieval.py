@@ -16,7 +16,6 @@ As in :class:`~updown.tasks.captioning.CaptioningTask`, the model is built when 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -28,9 +27,9 @@ from updown.losses import hardest_negative_ranking_loss
 from updown.metrics.retrieval import coco_5k_metrics, retrieval_metrics
 from updown.models.retrieval import BFANRetrieval
 from updown.modules.focal import FOCAL_TYPES
-from updown.tasks.captioning import check_vocabulary
 from updown.tasks.distributed import gather_outputs, log_rank_identical
 from updown.tasks.optim import configure_from_hparams
+from updown.tasks.vocabulary_model import VocabularyModel
 
 PROTOCOLS = ("full", "1k", "5k")
 COCO_FOLD_SIZE, COCO_NUM_FOLDS = 1000, 5
@@ -114,7 +113,7 @@ def protocol_metrics(
     return {key: sum(fold[key] for fold in folds) / num_folds for key in folds[0]}
 
 
-class RetrievalTask(pl.LightningModule):
+class RetrievalTask(VocabularyModel, pl.LightningModule):
     """Train :class:`~updown.models.retrieval.BFANRetrieval` with the hardest-negative ranking loss; validate
     by Recall@K.
 
@@ -148,6 +147,9 @@ class RetrievalTask(pl.LightningModule):
     """
 
     monitor = "val/rsum"
+    datamodule_marker = "captions_per_image"
+    datamodule_description = "a retrieval datamodule (updown.data.retrieval_data.RetrievalDataModule)"
+    checkpoint_kind = "retrieval"
 
     def __init__(
         self,
@@ -205,42 +207,11 @@ class RetrievalTask(pl.LightningModule):
             similarity_chunk_size=h.similarity_chunk_size,
         )
 
-    def configure_model(self) -> None:
-        if self._trainer is None:
-            return  # load_from_checkpoint outside a Trainer: on_load_checkpoint builds from the checkpoint
-        datamodule = self.trainer.datamodule
-        if not hasattr(datamodule, "captions_per_image"):
-            raise ValueError(
-                f"{type(self).__name__} needs a retrieval datamodule "
-                f"(updown.data.retrieval_data.RetrievalDataModule), got {type(datamodule).__name__}. "
-                "Fix `data.class_path` in the config."
-            )
-        datamodule.setup("fit" if self.trainer.training else "validate")
+    def check_datamodule(self, datamodule) -> None:
         if self.trainer.state.fn in ("fit", "validate"):
             # Fail before training, not after the first epoch.
             split = datamodule.val_split
             check_protocol(self.hparams.protocol, datamodule.num_evaluation_images(split), split)
-        vocabulary, features = datamodule.vocabulary, datamodule.features
-        if self.model is None:
-            self.build_model(vocabulary, features.feature_size, features.grid_shape)
-        else:
-            check_vocabulary(self.vocabulary, vocabulary, "the checkpoint", str(datamodule.vocabulary_path))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["vocabulary"] = self.vocabulary.tokens
-        checkpoint["image_feature_size"] = self.image_feature_size
-        checkpoint["grid_shape"] = self.grid_shape
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "vocabulary" not in checkpoint:
-            raise ValueError(
-                "The checkpoint holds no vocabulary: it was not written by a updown retrieval task."
-            )
-        vocabulary = Vocabulary(checkpoint["vocabulary"])
-        if self.model is None:
-            self.build_model(vocabulary, checkpoint["image_feature_size"], checkpoint.get("grid_shape"))
-        else:
-            check_vocabulary(vocabulary, self.vocabulary, "the checkpoint", "the data")
 
     def configure_callbacks(self):
         return checkpoint_callbacks(self.monitor, self._trainer)

@@ -29,8 +29,9 @@ from updown.data.vocabulary import Vocabulary
 from updown.decoding import greedy_decode, reorder_state, repeat_state, sample_decode, state_batch_size
 from updown.losses import scst_loss
 from updown.metrics.cider import CiderD, ngram_counts
-from updown.tasks.captioning import CaptioningTask, check_vocabulary
+from updown.tasks.captioning import CaptioningTask
 from updown.tasks.distributed import gather_outputs
+from updown.tasks.vocabulary_model import check_vocabulary
 
 BASELINES = ("mean_of_others", "greedy", "beam_mean")
 
@@ -120,7 +121,9 @@ def beam_candidates(step, state, *, beam_size: int, max_length: int, vocabulary:
     return torch.cat([history, padding], dim=1)
 
 
-def self_critical_baseline(reward: np.ndarray, kind: str, greedy_reward: np.ndarray | None = None) -> np.ndarray:
+def self_critical_baseline(
+    reward: np.ndarray, kind: str, greedy_reward: np.ndarray | None = None
+) -> np.ndarray:
     """The baseline of each sample.
 
     Args:
@@ -238,7 +241,9 @@ class SCSTCaptioningTask(CaptioningTask):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["scst_start_metrics"] = {k: v for k, v in self.extra_metrics.items() if k.startswith("start/")}
+        checkpoint["scst_start_metrics"] = {
+            k: v for k, v in self.extra_metrics.items() if k.startswith("start/")
+        }
 
     def on_fit_start(self) -> None:
         # After --ckpt_path restoration (configure_model runs before it), so a resumed run skips init_weights.
@@ -260,18 +265,31 @@ class SCSTCaptioningTask(CaptioningTask):
             data_source: what the current vocabulary came from, for the mismatch message.
         """
         if not Path(path).is_file():
-            raise FileNotFoundError(f"model.init_args.init_weights {path}: checkpoint not found. Check the path.")
+            raise FileNotFoundError(
+                f"model.init_args.init_weights {path}: checkpoint not found. Check the path."
+            )
         # Lightning checkpoints pickle their hyper-parameters too; load only checkpoints you trust (as --ckpt_path).
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(checkpoint, dict) or "vocabulary" not in checkpoint or "state_dict" not in checkpoint:
-            raise ValueError(f"init_weights {path}: not a updown captioning checkpoint (no vocabulary or state_dict).")
-        check_vocabulary(Vocabulary(checkpoint["vocabulary"]), self.vocabulary, f"init_weights {path}", data_source)
+        if (
+            not isinstance(checkpoint, dict)
+            or "vocabulary" not in checkpoint
+            or "state_dict" not in checkpoint
+        ):
+            raise ValueError(
+                f"init_weights {path}: not a updown captioning checkpoint (no vocabulary or state_dict)."
+            )
+        check_vocabulary(
+            Vocabulary(checkpoint["vocabulary"]), self.vocabulary, f"init_weights {path}", data_source
+        )
         state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
         try:
             self.model.load_state_dict(state)
         except RuntimeError as error:
             trained = checkpoint.get("hyper_parameters", {})
-            sizes = {k: trained.get(k) for k in ("embedding_size", "hidden_size", "attention_size", "feature_encoder")}
+            sizes = {
+                k: trained.get(k)
+                for k in ("embedding_size", "hidden_size", "attention_size", "feature_encoder")
+            }
             sizes["image_feature_size"] = checkpoint.get("image_feature_size")
             raise ValueError(
                 f"init_weights {path}: its weights do not fit this model ({str(error).splitlines()[0]}). The "
@@ -351,7 +369,8 @@ class SCSTCaptioningTask(CaptioningTask):
         has_eos = (tokens == self.vocabulary.eos_index).any(dim=1)
         names = self.vocabulary.tokens
         words = [
-            [names[t] for t in row[:n]] for row, n in zip(tokens.tolist(), (lengths - has_eos.long()).tolist())
+            [names[t] for t in row[:n]]
+            for row, n in zip(tokens.tolist(), (lengths - has_eos.long()).tolist())
         ]
         h = self.hparams
         reward = h.cider_weight * self._cider.score(words, keys)
@@ -386,7 +405,9 @@ class SCSTCaptioningTask(CaptioningTask):
             inputs = torch.cat([tokens.new_full((tokens.size(0), 1), vocabulary.bos_index), tokens], dim=1)
             image_index = torch.arange(num_images, device=tokens.device).repeat_interleave(k)
             logits = self.model(features, mask, inputs, image_index=image_index)["logits"]
-            token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens.unsqueeze(2)).squeeze(2)
+            token_logprobs = (
+                torch.log_softmax(logits.float(), dim=-1).gather(2, tokens.unsqueeze(2)).squeeze(2)
+            )
             lengths = (tokens != vocabulary.pad_index).sum(dim=1)
         else:
             state = self.model.init_state(features, mask)
@@ -413,7 +434,9 @@ class SCSTCaptioningTask(CaptioningTask):
         self.model.eval()
         with torch.no_grad():
             state = self.model.init_state(features, mask)
-            greedy = greedy_decode(self.model.step, state, max_length=self.hparams.max_decoding_length, **specials)
+            greedy = greedy_decode(
+                self.model.step, state, max_length=self.hparams.max_decoding_length, **specials
+            )
         self.model.train()
         return self.rewards(greedy.tokens, greedy.lengths, image_ids)
 

@@ -26,9 +26,9 @@ from updown.losses import soft_score_bce
 from updown.metrics.distributed import MeanPerSample
 from updown.metrics.vqa_accuracy import VQAAccuracy
 from updown.models.vqa import UpDownVQA
-from updown.tasks.captioning import check_vocabulary, restored_checkpoint
 from updown.tasks.distributed import log_rank_identical
 from updown.tasks.optim import configure_from_hparams
+from updown.tasks.vocabulary_model import check_vocabulary, restored_checkpoint
 
 
 class VQATask(pl.LightningModule):
