@@ -12,7 +12,8 @@ from updown.data.synthetic import SyntheticSpec, ensure_synthetic_world
 from updown.data.writers import RegionFeaturesWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-REALDATA = ROOT.parent / "shared" / "realdata"
+# Trimmed copies of real public data (features, annotations, official scores): see tests/data/README.md.
+REALDATA = ROOT / "tests" / "data"
 
 # Tests use tiny tensors: one intra-op thread avoids thread contention (several times faster on 2 cores).
 torch.set_num_threads(1)
@@ -67,9 +68,9 @@ def tiny_captioning_args(root: Path, data_root: Path, *extra: str) -> list[str]:
         "--trainer.default_root_dir", str(root),
         "--trainer.max_epochs", "2",
         "--trainer.enable_progress_bar", "false",
-        "--model.init_args.embedding_size", "16",
-        "--model.init_args.hidden_size", "32",
-        "--model.init_args.attention_size", "16",
+        "--model.init_args.net.embedding_size", "16",
+        "--model.init_args.net.hidden_size", "32",
+        "--model.init_args.net.attention_size", "16",
         *synthetic_world_args(data_root),
         *extra,
     ]  # fmt: skip

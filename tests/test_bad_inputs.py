@@ -52,8 +52,8 @@ def vqa_fit_args(root: Path, data_root: Path, *extra: str) -> list[str]:
         "--trainer.default_root_dir", str(root),
         "--trainer.max_epochs", "1",
         "--trainer.enable_progress_bar", "false",
-        "--model.init_args.embedding_size", "8",
-        "--model.init_args.hidden_size", "16",
+        "--model.init_args.net.embedding_size", "8",
+        "--model.init_args.net.hidden_size", "16",
         "--data.init_args.batch_size", "64",
         *synthetic_world_args(data_root),
         *extra,
@@ -204,12 +204,17 @@ def checkpoint_with(tmp: Path, source: Path, name: str, change: Callable[[dict],
 
 
 def another_vocabulary(checkpoint: dict) -> None:
-    checkpoint["vocabulary"] = [*checkpoint["vocabulary"][:-1], "zebra"]
+    vocabularies = checkpoint["data_spec"]["vocabularies"]
+    vocabularies["caption"] = [*vocabularies["caption"][:-1], "zebra"]
 
 
 def another_answer_set(checkpoint: dict) -> None:
-    answers = checkpoint["answer_vocabulary"]
-    checkpoint["answer_vocabulary"] = [answers[1], answers[0], *answers[2:]]
+    vocabularies = checkpoint["data_spec"]["vocabularies"]
+    vocabularies["answer"] = [
+        vocabularies["answer"][1],
+        vocabularies["answer"][0],
+        *vocabularies["answer"][2:],
+    ]
 
 
 def predict_captions(tmp: Path, world: World, features=None, captions=None, vocabulary=None, checkpoint=None):

@@ -43,7 +43,9 @@ def test_coco_captions_with_real_karpathy_split_lists(tmp_path):
     real_ids = sorted({a["image_id"] for a in json.loads(captions.read_text())["annotations"]})
     karpathy_val = read_split_list(REALDATA / "karpathy" / "karpathy_val_images.txt")
     assert len(karpathy_val) == 5000 and karpathy_val[0] == 11169
-    (tmp_path / "train.txt").write_text("\n".join(f"val2014/COCO_val2014_{i:012d}.jpg {i}" for i in real_ids[:45]))
+    (tmp_path / "train.txt").write_text(
+        "\n".join(f"val2014/COCO_val2014_{i:012d}.jpg {i}" for i in real_ids[:45])
+    )
     (tmp_path / "val.txt").write_text("\n".join(str(i) for i in real_ids[45:]))
     images = load_coco_captions([captions], {"train": tmp_path / "train.txt", "val": tmp_path / "val.txt"})
     assert len(images) == 57 and sum(len(i.captions) for i in images) == 100

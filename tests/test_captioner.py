@@ -6,21 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from updown.models.captioner import UpDownCaptioner
+from updown.models.captioner import CaptionerConfig, UpDownCaptioner
 
 VOCABULARY, FEATURES, EMBEDDING, HIDDEN, ATTENTION = 13, 8, 6, 7, 5
 
 
 def make_model(**overrides) -> UpDownCaptioner:
     torch.manual_seed(0)
-    arguments = dict(
-        vocabulary_size=VOCABULARY,
-        image_feature_size=FEATURES,
-        embedding_size=EMBEDDING,
-        hidden_size=HIDDEN,
-        attention_size=ATTENTION,
-    )
-    return UpDownCaptioner(**{**arguments, **overrides}).eval()
+    fields = {k: overrides.pop(k) for k in ("dropout",) if k in overrides}
+    config = CaptionerConfig(embedding_size=EMBEDDING, hidden_size=HIDDEN, attention_size=ATTENTION, **fields)
+    return UpDownCaptioner(VOCABULARY, FEATURES, config, **overrides).eval()
 
 
 def make_batch(num_boxes: list[int], max_boxes: int = 5, length: int = 6, seed: int = 1):
@@ -53,7 +48,7 @@ def test_paper_configuration_parameter_count_matches_equations() -> None:
         + vocabulary  # W_p, b_p
     )
     with torch.device("meta"):
-        model = UpDownCaptioner(vocabulary, features, embedding, hidden, attention)
+        model = UpDownCaptioner(vocabulary, features, CaptionerConfig(embedding, hidden, attention))
     assert sum(parameter.numel() for parameter in model.parameters()) == expected
     # By hand: 10,010,000 + 20,200,000 + 1,048,576 + 512,000 + 512 + 16,200,000 + 10,010,000 + 10,010.
     assert expected == 57_991_098

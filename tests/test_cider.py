@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REALDATA
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 from updown.metrics.cider import CiderD
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO_DIR = ROOT.parent / "shared" / "realdata" / "coco-caption"
+COCO_DIR = REALDATA / "coco-caption"
 
 
 def _load_tool(name: str):
@@ -160,7 +161,6 @@ def test_eos_as_word_equals_pycocoevalcap_with_appended_token() -> None:
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="the PTB tokenizer needs java")
-@pytest.mark.skipif(not COCO_DIR.is_dir(), reason="../shared/realdata/coco-caption is not available")
 def test_equals_pycocoevalcap_on_real_coco_files() -> None:
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 

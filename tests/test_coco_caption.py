@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from pathlib import Path
 
 import pytest
+from conftest import REALDATA
 
 from updown.metrics import coco_caption
 from updown.metrics.coco_caption import (
@@ -17,12 +17,9 @@ from updown.metrics.coco_caption import (
     spice_available,
 )
 
-COCO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "coco-caption"
+COCO_DIR = REALDATA / "coco-caption"
 pytestmark = pytest.mark.skipif(
     shutil.which("java") is None, reason="pycocoevalcap's tokenizer and METEOR need java"
-)
-needs_realdata = pytest.mark.skipif(
-    not COCO_DIR.is_dir(), reason="../shared/realdata/coco-caption is not available"
 )
 needs_no_spice = pytest.mark.skipif(spice_available(), reason="the SPICE jars are installed here")
 
@@ -41,7 +38,6 @@ def _fakecap() -> tuple[dict[int, list[str]], dict[int, str]]:
     return references, {result["image_id"]: result["caption"] for result in results}
 
 
-@needs_realdata
 def test_reproduces_published_scores_at_full_precision() -> None:
     references, predictions = _fakecap()
     overall, per_image = score_captions(references, predictions, spice="off")
@@ -107,7 +103,6 @@ def test_missing_java_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
         score_captions(REFERENCES, {1: "a dog", 2: "cats"}, spice="off")
 
 
-@needs_realdata
 def test_human_consensus_equals_leave_one_out_by_hand() -> None:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider

@@ -23,11 +23,25 @@ def _tool(name: str):
 
 def test_synthetic_tsv_converts_to_the_same_features(tmp_path):
     world = tmp_path / "world"
-    make = ["--output", str(world), "--num-train", "6", "--num-val", "2", "--num-test", "2", "--feature-size", "16"]
+    make = [
+        "--output",
+        str(world),
+        "--num-train",
+        "6",
+        "--num-val",
+        "2",
+        "--num-test",
+        "2",
+        "--feature-size",
+        "16",
+    ]
     assert _tool("make_synthetic").main([*make, "--tsv"]) == 0
-    assert _tool("convert_features").main(
-        ["--input", str(world / "raw" / "features.tsv"), "--output", str(tmp_path / "c.h5"), "--quiet"]
-    ) == 0
+    assert (
+        _tool("convert_features").main(
+            ["--input", str(world / "raw" / "features.tsv"), "--output", str(tmp_path / "c.h5"), "--quiet"]
+        )
+        == 0
+    )
     original, converted = RegionFeatures(world / "features.h5"), RegionFeatures(tmp_path / "c.h5")
     assert original.image_ids == converted.image_ids
     for image_id in original.image_ids:
@@ -39,9 +53,29 @@ def test_synthetic_tsv_converts_to_the_same_features(tmp_path):
 
 def test_prepare_captions_cli(tmp_path, capsys):
     tool = _tool("prepare_captions")
-    assert _tool("make_synthetic").main(["--output", str(tmp_path / "w"), "--num-train", "20", "--feature-size", "8",
-                                         "--num-val", "3", "--num-test", "3"]) == 0
-    args = ["--karpathy", str(tmp_path / "w" / "raw" / "dataset_coco.json"), "--output", str(tmp_path / "out")]
+    assert (
+        _tool("make_synthetic").main(
+            [
+                "--output",
+                str(tmp_path / "w"),
+                "--num-train",
+                "20",
+                "--feature-size",
+                "8",
+                "--num-val",
+                "3",
+                "--num-test",
+                "3",
+            ]
+        )
+        == 0
+    )
+    args = [
+        "--karpathy",
+        str(tmp_path / "w" / "raw" / "dataset_coco.json"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
     assert tool.main(args) == 0
     for name in ("captions.json", "vocabulary.json", "references_val.json", "references_test.json"):
         assert (tmp_path / "out" / name).exists()

@@ -25,13 +25,15 @@ def test_training_batches_hold_every_caption_and_each_image_once(tiny_world):
         rows = torch.arange(n)
         assert torch.all(batch["caption_tokens"][rows, lengths - 1] == vocabulary.eos_index)
         for row in range(n):
-            assert torch.all(batch["caption_tokens"][row, lengths[row]:] == vocabulary.pad_index)
+            assert torch.all(batch["caption_tokens"][row, lengths[row] :] == vocabulary.pad_index)
         seen_captions += n
     assert seen_captions == 5 * len(images)
     # Caption i of an image decodes back to its tokens (known words) in order.
     first = images[0]
     _, captions = dataset[0]
-    assert vocabulary.decode(captions[0]) == [w if vocabulary.index(w) != 1 else "<unk>" for w in first.tokens[0]]
+    assert vocabulary.decode(captions[0]) == [
+        w if vocabulary.index(w) != 1 else "<unk>" for w in first.tokens[0]
+    ]
 
 
 def test_evaluation_items_carry_raw_references(tiny_world):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from updown.decoding import beam_search, gnmt_length_penalty, greedy_decode, sample_decode
-from updown.models.captioner import UpDownCaptioner
+from updown.models.captioner import CaptionerConfig, UpDownCaptioner
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 VOCABULARY = 7  # four specials and the words 4, 5, 6
@@ -276,9 +276,7 @@ def test_sampling_at_low_temperature_is_greedy() -> None:
 
 def make_captioner() -> tuple[UpDownCaptioner, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    model = UpDownCaptioner(
-        11, image_feature_size=6, embedding_size=5, hidden_size=8, attention_size=4
-    ).eval()
+    model = UpDownCaptioner(11, 6, CaptionerConfig(embedding_size=5, hidden_size=8, attention_size=4)).eval()
     num_boxes = torch.tensor([2, 5, 3, 4])
     mask = torch.arange(5).unsqueeze(0) < num_boxes.unsqueeze(1)
     features = torch.rand(4, 5, 6) * mask.unsqueeze(-1)

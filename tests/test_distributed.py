@@ -70,8 +70,8 @@ def captioning_run(tmp_path_factory, odd_world) -> Path:
         "--trainer.max_epochs", "12",
         "--data.init_args.batch_size", "10",
         "--data.init_args.eval_batch_size", str(CAPTION_EVAL_BATCH),
-        "--model.init_args.embedding_size", "32",
-        "--model.init_args.learning_rate", "0.02",
+        "--model.init_args.net.embedding_size", "32",
+        "--model.init_args.optimizer.lr", "0.02",
     ]  # fmt: skip
     return fit(args)
 
@@ -84,8 +84,8 @@ def vqa_run(tmp_path_factory, odd_world) -> Path:
         "--trainer.default_root_dir", str(root),
         "--trainer.max_epochs", "3",
         "--trainer.enable_progress_bar", "false",
-        "--model.init_args.embedding_size", "8",
-        "--model.init_args.hidden_size", "16",
+        "--model.init_args.net.embedding_size", "8",
+        "--model.init_args.net.hidden_size", "16",
         "--data.init_args.batch_size", "32",
         "--data.init_args.eval_batch_size", str(VQA_EVAL_BATCH),
         *synthetic_args(odd_world),
@@ -156,9 +156,34 @@ def shards(num_samples: int, world_size: int) -> list[list[int]]:
     ]
 
 
-def test_sharding_repeats_samples():
-    """The premise: an odd split over 2 ranks scores sample 0 twice unless the metrics drop repeats."""
-    assert shards(5, 2) == [[0, 2, 4], [1, 3, 0]]
+@pytest.mark.parametrize(("num_samples", "world_size"), [(5, 2), (7, 3), (13, 4)])
+def test_mean_per_sample_drops_the_samplers_repeats(num_samples, world_size):
+    """Each rank scores its DistributedSampler shard, repeats included; the merged mean counts each sample once."""
+    rank_indices = shards(num_samples, world_size)
+    padded = [i for indices in rank_indices for i in indices]
+    # The premise: an uneven split is padded with repeats, so some sample is scored on two ranks.
+    assert len(padded) > num_samples and sorted(set(padded)) == list(range(num_samples))
+    # Eighths add up exactly in float64, so the mean has one rounding however it is summed.
+    values = [float((3 * i) % num_samples) / 8 for i in range(num_samples)]
+    ids = [1000 - 7 * i for i in range(num_samples)]  # ids descend as indices ascend
+    expected = sum(values) / num_samples
+
+    ranks = []
+    for indices in rank_indices:
+        metric = MeanPerSample()
+        for start in range(0, len(indices), 2):  # batches of two, the last one ragged
+            batch = indices[start : start + 2]
+            metric.update(
+                torch.tensor([values[i] for i in batch], dtype=torch.float64), [ids[i] for i in batch]
+            )
+        ranks.append(metric)
+    merged = ranks[0]
+    for other in ranks[1:]:
+        merged.merge_state(other)  # what compute() does with the states gathered from every rank
+    assert merged.compute().item() == expected
+    assert merged.num_samples == num_samples
+    # Counting the repeats would have changed the mean: the data can tell.
+    assert sum(values[i] for i in padded) / len(padded) != expected
 
 
 def vqa_questions(num_questions: int) -> list[dict]:

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REALDATA
 
 from updown.evaluate import main
 from updown.metrics.coco_caption import spice_available
 from updown.metrics.vqa_accuracy import evaluate_vqa
 
-REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 COCO_DIR, VQA_DIR = REALDATA / "coco-caption", REALDATA / "vqa"
 GT, RESULTS = (
     COCO_DIR / "captions_val2014_fakecap_gt.json",
@@ -22,7 +22,6 @@ GT, RESULTS = (
 )
 QUESTIONS = VQA_DIR / "v2_OpenEnded_mscoco_val2014_questions.first100.json"
 ANNOTATIONS = VQA_DIR / "v2_mscoco_val2014_annotations.first100.json"
-needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason="../shared/realdata is not available")
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs java")
 
 
@@ -38,7 +37,6 @@ def _small_coco(tmp_path: Path, num_images: int = 20) -> tuple[Path, Path]:
     return tmp_path / "gt.json", tmp_path / "res.json"
 
 
-@needs_realdata
 @needs_java
 def test_captions_reproduce_published_scores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output, per_image = tmp_path / "scores.json", tmp_path / "per_image.json"
@@ -62,7 +60,6 @@ def test_captions_reproduce_published_scores(tmp_path: Path, capsys: pytest.Capt
     assert "CIDEr" in printed and f"{expected['CIDEr']:.4f}" in printed
 
 
-@needs_realdata
 @needs_java
 def test_captions_human_consensus(tmp_path: Path) -> None:
     from pycocoevalcap.cider.cider import Cider
@@ -87,7 +84,6 @@ def test_captions_human_consensus(tmp_path: Path) -> None:
     assert scores["CIDEr"] == pytest.approx(expected, abs=1e-12)
 
 
-@needs_realdata
 @needs_java
 @pytest.mark.skipif(spice_available(), reason="the SPICE jars are installed here")
 def test_spice_auto_warns_once_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -99,7 +95,6 @@ def test_spice_auto_warns_once_on_stderr(tmp_path: Path, capsys: pytest.CaptureF
     assert set(json.loads((tmp_path / "out.json").read_text())) == {"CIDEr"}
 
 
-@needs_realdata
 @pytest.mark.parametrize("normalization", ["official", "legacy"])
 def test_vqa_scores_match_the_library(tmp_path: Path, normalization: str) -> None:
     results = VQA_DIR / "results_mc_answer_decorated.json"
@@ -130,7 +125,6 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], output: Path, *n
     assert not output.exists()
 
 
-@needs_realdata
 def test_caption_errors_exit_2_without_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gt, res = _small_coco(tmp_path, num_images=3)
     out = tmp_path / "out.json"
@@ -167,7 +161,6 @@ def test_caption_errors_exit_2_without_output(tmp_path: Path, capsys: pytest.Cap
     assert "--references" in capsys.readouterr().err
 
 
-@needs_realdata
 def test_vqa_errors_exit_2_without_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out.json"
     vqa = ["vqa", "--questions", str(QUESTIONS), "--annotations", str(ANNOTATIONS)]

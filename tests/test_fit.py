@@ -32,24 +32,42 @@ def test_fit_writes_the_run_directory(tiny_captioning_run):
         assert key in metrics and isinstance(metrics[key], float)
     assert metrics["global_step"] == 2 * 3  # 60 images / 20 per batch, 2 epochs
     assert yaml.safe_load((tiny_captioning_run / "config.yaml").read_text())["trainer"]["max_epochs"] == 2
-    checkpoint = torch.load(tiny_captioning_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert checkpoint["vocabulary"][:4] == ["<pad>", "<unk>", "<bos>", "<eos>"]
+    checkpoint = torch.load(
+        tiny_captioning_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert checkpoint["data_spec"]["vocabularies"]["caption"][:4] == ["<pad>", "<unk>", "<bos>", "<eos>"]
     assert Path(metrics["best_checkpoint"]).is_file()
 
 
 def test_resume_from_last_continues_at_the_saved_step(tmp_path, tiny_captioning_run, tiny_world):
     root = tmp_path / "run"
     shutil.copytree(tiny_captioning_run, root / "lightning_logs" / "version_0")
-    args = tiny_captioning_args(root, tiny_world.root.parent, "--trainer.max_epochs", "3", "--ckpt_path", "last")
+    args = tiny_captioning_args(
+        root, tiny_world.root.parent, "--trainer.max_epochs", "3", "--ckpt_path", "last"
+    )
     assert main(args) == 0
     resumed = json.loads((root / "lightning_logs" / "version_1" / "metrics.json").read_text())
     assert resumed["global_step"] == 3 * 3
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path, capsys):
-    base = ["--config", str(ROOT / "configs" / "captioning" / "synthetic.yaml"), "--trainer.default_root_dir", str(tmp_path)]
-    code = main([*base, "--data.init_args.features_h5path", str(tmp_path / "absent.h5"),
-                 "--data.init_args.captions_jsonpath", "c.json", "--data.init_args.vocabulary_path", "v.json"])
+    base = [
+        "--config",
+        str(ROOT / "configs" / "captioning" / "synthetic.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    code = main(
+        [
+            *base,
+            "--data.init_args.features_h5path",
+            str(tmp_path / "absent.h5"),
+            "--data.init_args.captions_jsonpath",
+            "c.json",
+            "--data.init_args.vocabulary_path",
+            "v.json",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "absent.h5: region-feature file not found" in err and "Traceback" not in err
     assert main([*base, "--ckpt_path", str(tmp_path / "nope.ckpt")]) == 2

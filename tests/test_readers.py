@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from updown.data.datasets import collate_regions
 from updown.data.readers import RegionFeatures, spatial_features
+from updown.data.writers import RegionFeaturesWriter
 
 
 def test_reads_back_what_was_written_with_spatial_features(tmp_path):
@@ -65,13 +66,27 @@ def test_reads_the_nocaps_variable_length_layout(tmp_path):
         assert (reader[12].image_w, reader[12].image_h) == (32.0, 16.0)
 
 
-def test_several_files_and_duplicates_across_files(tmp_path):
-    write_features(tmp_path / "a.h5", [2, 3])
-    rng_ids = write_features(tmp_path / "b.h5", [4], seed=1)
-    # b.h5 reuses image id 100 (the writer numbers from 100): the union has a duplicate.
-    assert 100 in rng_ids
-    with pytest.raises(ValueError, match="also in"):
-        RegionFeatures([tmp_path / "a.h5", tmp_path / "b.h5"])
+def _write_ids(path, image_ids: list[int], value: float) -> None:
+    """A feature file holding ``image_ids``, each with two boxes whose features all equal ``value``."""
+    with RegionFeaturesWriter(path, max_boxes=2, feature_size=3, force=True) as writer:
+        for image_id in image_ids:
+            boxes = np.array([[0, 0, 10, 10], [5, 5, 20, 30]], dtype=np.float32)
+            writer.add(image_id, np.full((2, 3), value, np.float32), boxes, image_w=40.0, image_h=40.0)
+
+
+def test_several_files_are_one_index_and_an_image_in_two_files_is_refused(tmp_path):
+    _write_ids(tmp_path / "a.h5", [5, 9], value=1.0)
+    _write_ids(tmp_path / "b.h5", [7], value=2.0)
+    reader = RegionFeatures([tmp_path / "a.h5", tmp_path / "b.h5"])
+    assert sorted(reader.image_ids) == [5, 7, 9] and len(reader) == 3
+    assert (reader[9].features == 1.0).all() and (reader[7].features == 2.0).all()
+
+    _write_ids(tmp_path / "c.h5", [3, 9], value=3.0)  # image 9 is in a.h5 too
+    with pytest.raises(ValueError) as error:
+        RegionFeatures([tmp_path / "a.h5", tmp_path / "c.h5"])
+    message = str(error.value)
+    assert "image 9 " in message and str(tmp_path / "a.h5") in message and str(tmp_path / "c.h5") in message
+    assert "one file only" in message
 
 
 class _Items(Dataset):

@@ -154,7 +154,7 @@ def xe_runs(tmp_path_factory, tiny_world, helpers):
     env = child_environment(helpers)
     base = tmp_path_factory.mktemp("xe")
     # Dropout and scheduled sampling: random draws every step, which the resumed run must repeat exactly.
-    extra = [*FAST, "--model.init_args.dropout", "0.3", "--model.init_args.scheduled_sampling", "0.25"]
+    extra = [*FAST, "--model.init_args.net.dropout", "0.3", "--model.init_args.scheduled_sampling", "0.25"]
     data_root = tiny_world.root.parent
     fit(tiny_captioning_args(base / "reference", data_root, *extra), env)
     interrupted = base / "interrupted"
@@ -206,8 +206,8 @@ def test_scst_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(
         return [
             "--config", xe_config, "--config", str(ROOT / "configs" / "captioning" / "synthetic_scst.yaml"), *rest, *FAST,
             "--trainer.max_epochs", "1", "--model.init_args.baseline", "mean_of_others",
-            "--model.init_args.embedding_size", "16", "--model.init_args.hidden_size", "32",
-            "--model.init_args.attention_size", "16", "--model.init_args.dropout", "0.3",
+            "--model.init_args.net.embedding_size", "16", "--model.init_args.net.hidden_size", "32",
+            "--model.init_args.net.attention_size", "16", "--model.init_args.net.dropout", "0.3",
             "--model.init_args.init_weights", str(xe_checkpoint), *extra,
         ]  # fmt: skip
 

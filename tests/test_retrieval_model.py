@@ -6,20 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from updown.models.retrieval import BFANRetrieval
+from updown.models.retrieval import BFANConfig, BFANRetrieval
 from updown.modules.focal import bfan_similarity
 
 
 def _model(**kwargs) -> BFANRetrieval:
     torch.manual_seed(0)
-    defaults = dict(
-        vocabulary_size=20,
-        image_feature_size=12,
-        word_embedding_size=6,
-        joint_embedding_size=8,
-        lambda_softmax=9.0,
-    )
-    return BFANRetrieval(**{**defaults, **kwargs})
+    config = dict(word_embedding_size=6, joint_embedding_size=8, lambda_softmax=9.0)
+    model_arguments = {k: kwargs.pop(k) for k in ("feature_encoder", "grid_shape") if k in kwargs}
+    vocabulary_size = kwargs.pop("vocabulary_size", 20)
+    return BFANRetrieval(vocabulary_size, 12, BFANConfig(**{**config, **kwargs}), **model_arguments)
 
 
 def _batch(num_images=3, num_boxes=5, num_captions=4, max_length=6):

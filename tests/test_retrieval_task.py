@@ -19,16 +19,18 @@ from updown.data.readers import RegionFeatures
 from updown.data.retrieval_data import RetrievalDataModule, RetrievalEvaluationDataset
 from updown.data.vocabulary import Vocabulary
 from updown.fit import main
-from updown.metrics.retrieval import coco_1k_metrics, retrieval_metrics
-from updown.tasks.retrieval import (
+from updown.losses import retrieval_loss
+from updown.metrics.retrieval import (
     COCO_FOLD_SIZE,
     COCO_NUM_FOLDS,
-    RetrievalTask,
     check_protocol,
+    coco_1k_metrics,
     collect_embeddings,
     protocol_metrics,
-    retrieval_loss,
+    retrieval_metrics,
 )
+from updown.models.retrieval import BFANConfig
+from updown.tasks.retrieval import RetrievalTask
 
 CONFIG = ROOT / "configs" / "retrieval" / "synthetic.yaml"
 BATCH_SIZE = 64
@@ -41,8 +43,8 @@ def tiny_args(root: Path, data_root: Path, *extra: str) -> list[str]:
         "--trainer.default_root_dir", str(root),
         "--trainer.max_epochs", "2",
         "--trainer.enable_progress_bar", "false",
-        "--model.init_args.word_embedding_size", "8",
-        "--model.init_args.joint_embedding_size", "16",
+        "--model.init_args.net.word_embedding_size", "8",
+        "--model.init_args.net.joint_embedding_size", "16",
         "--data.init_args.batch_size", str(BATCH_SIZE),
         "--data.init_args.eval_batch_size", str(EVAL_BATCH_SIZE),
         *synthetic_world_args(data_root),
@@ -245,8 +247,8 @@ def test_fit_writes_recall_metrics_and_a_self_contained_checkpoint(fitted_run):
         5 * TINY_SPEC.num_train / BATCH_SIZE
     )  # every pair, 2 epochs
     checkpoint = torch.load(fitted_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert checkpoint["vocabulary"][:4] == ["<pad>", "<unk>", "<bos>", "<eos>"]
-    assert checkpoint["image_feature_size"] == TINY_SPEC.feature_size
+    assert checkpoint["data_spec"]["vocabularies"]["caption"][:4] == ["<pad>", "<unk>", "<bos>", "<eos>"]
+    assert checkpoint["data_spec"]["image_feature_size"] == TINY_SPEC.feature_size
     assert checkpoint["datamodule_hyper_parameters"]["captions_per_image"] == 5
     # last.ckpt follows every epoch (for --ckpt_path last), not only the epochs that improved rsum.
     assert checkpoint["global_step"] == metrics["global_step"]
@@ -303,8 +305,8 @@ def test_a_coco_protocol_on_a_small_split_fails_before_training(tmp_path, tiny_w
 
 
 def test_feature_encoder_goes_in_front_of_the_model(datamodule):
-    task = RetrievalTask(word_embedding_size=8, joint_embedding_size=16, feature_encoder="se")
-    task.build_model(datamodule.vocabulary, datamodule.features.feature_size)
+    task = RetrievalTask(net=BFANConfig(word_embedding_size=8, joint_embedding_size=16, feature_encoder="se"))
+    task.setup_model(datamodule.data_spec())
     assert task.model.feature_encoder is not None
     batch = next(iter(datamodule.train_dataloader()))
     similarity = task.model(

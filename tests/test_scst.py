@@ -15,11 +15,15 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
 import updown.tasks.scst as scst
+from updown.data.base import DataSpec
 from updown.data.vocabulary import SPECIAL_TOKENS, Vocabulary
-from updown.decoding import beam_search, greedy_decode
+from updown.decoding import BeamSearchConfig, beam_candidates, beam_search, greedy_decode
 from updown.fit import main
+from updown.losses import self_critical_baseline
+from updown.metrics.bleu import SentenceBleu
 from updown.metrics.cider import CiderD
-from updown.tasks.scst import SCSTCaptioningTask, SentenceBleu, beam_candidates, self_critical_baseline
+from updown.models.captioner import CaptionerConfig
+from updown.tasks.scst import SCSTCaptioningTask
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["a", "dog", "cat", "red", "bus", "on", "the", "street", "big", "sits"]
@@ -30,6 +34,11 @@ REFERENCES = {
     11: [["a", "cat"], ["the", "cat", "sits", "on", "the", "street"]],
 }
 FEATURE_SIZE = 6
+NET = CaptionerConfig(embedding_size=8, hidden_size=16, attention_size=8)
+
+
+def spec_of(vocabulary: Vocabulary) -> DataSpec:
+    return DataSpec(FEATURE_SIZE, None, {"caption": vocabulary.tokens})
 
 
 @pytest.fixture(autouse=True)
@@ -41,12 +50,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_task(**kwargs) -> SCSTCaptioningTask:
+def make_task(max_length: int = 6, dropout: float = 0.0, **kwargs) -> SCSTCaptioningTask:
     torch.manual_seed(0)
-    sizes = {"embedding_size": 8, "hidden_size": 16, "attention_size": 8, "max_decoding_length": 6}
-    task = SCSTCaptioningTask(**{**sizes, **kwargs})
-    task.build_model(VOCABULARY, FEATURE_SIZE)
-    task._cider = CiderD.from_references(REFERENCES, eos_as_word=kwargs.get("eos_as_word", False), cache_references=False)
+    task = SCSTCaptioningTask(
+        net=NET.replace(dropout=dropout), decoding=BeamSearchConfig(max_length=max_length), **kwargs
+    )
+    task.setup_model(spec_of(VOCABULARY))
+    task._cider = CiderD.from_references(
+        REFERENCES, eos_as_word=kwargs.get("eos_as_word", False), cache_references=False
+    )
     task._train_references = REFERENCES
     task.logged = {}
     task.log = lambda key, value, **_: task.logged.__setitem__(key, value)
@@ -78,8 +90,14 @@ def test_reward_is_pycocoevalcap_cider_d_on_the_training_references(eos_as_word)
     task = make_task(eos_as_word=eos_as_word)
     task._register_references([7, 9, 11])
     # A sample cut at the maximum length (no <eos>) is scored on all its words; <unk> never matches a reference.
-    hypotheses = {7: ["a", "dog", "sits"], 9: ["a", "red", "bus", "on", "the", "street"], 11: ["a", "<unk>", "cat"]}
-    tokens = torch.tensor([encode(hypotheses[7], 6), encode(hypotheses[9], 6, eos=False), encode(["a", "<unk>", "cat"], 6)])
+    hypotheses = {
+        7: ["a", "dog", "sits"],
+        9: ["a", "red", "bus", "on", "the", "street"],
+        11: ["a", "<unk>", "cat"],
+    }
+    tokens = torch.tensor(
+        [encode(hypotheses[7], 6), encode(hypotheses[9], 6, eos=False), encode(["a", "<unk>", "cat"], 6)]
+    )
     lengths = torch.tensor([4, 6, 4])
     rewards = task.rewards(tokens, lengths, [7, 9, 11])
     # pycocoevalcap counts document frequencies over the scored references, as the cached df here does.
@@ -94,7 +112,9 @@ def test_sentence_bleu_matches_pycocoevalcap_and_mixes_into_the_reward():
     for image, refs in REFERENCES.items():
         bleu.add_references(image, refs)
     expected = pycocoevalcap_scores(Bleu(4), hypotheses, [])[3]
-    np.testing.assert_allclose(bleu.score(list(hypotheses.values()), [7, 9, 11]), expected, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(
+        bleu.score(list(hypotheses.values()), [7, 9, 11]), expected, rtol=1e-9, atol=1e-15
+    )
 
     task = make_task(bleu_weight=0.5, cider_weight=2.0)
     task._register_references([7, 9, 11])
@@ -111,7 +131,9 @@ def test_baselines_by_hand():
         for sample in range(4):
             rest = [reward[image, j] for j in range(4) if j != sample]
             assert others[image, sample] == pytest.approx(sum(rest) / 3)
-    np.testing.assert_allclose(self_critical_baseline(reward, "beam_mean"), np.repeat(reward.mean(1, keepdims=True), 4, 1))
+    np.testing.assert_allclose(
+        self_critical_baseline(reward, "beam_mean"), np.repeat(reward.mean(1, keepdims=True), 4, 1)
+    )
     greedy = np.array([0.1, 0.2, 0.3])
     np.testing.assert_array_equal(self_critical_baseline(reward, "greedy", greedy)[:, 2], greedy)
 
@@ -121,7 +143,9 @@ def policy_logprobs(task: SCSTCaptioningTask, batch: dict, tokens: torch.Tensor)
     inputs = torch.cat([torch.full((tokens.size(0), 1), VOCABULARY.bos_index), tokens], dim=1)
     image_index = torch.zeros(tokens.size(0), dtype=torch.long)
     with torch.no_grad():
-        logits = task.model(batch["image_features"], batch["image_features_mask"], inputs, image_index=image_index)["logits"]
+        logits = task.model(
+            batch["image_features"], batch["image_features_mask"], inputs, image_index=image_index
+        )["logits"]
     logits[:, :, [VOCABULARY.pad_index, VOCABULARY.bos_index]] = float("-inf")
     token_logprobs = torch.log_softmax(logits, dim=-1).gather(2, tokens.unsqueeze(2)).squeeze(2)
     totals = []
@@ -164,7 +188,7 @@ def test_loss_is_advantage_times_sequence_logprob_and_reinforces_the_better_samp
 
 
 def test_samples_without_eos_are_cut_at_max_length_and_counted(monkeypatch):
-    task = make_task(num_samples=4, max_decoding_length=2)
+    task = make_task(num_samples=4, max_length=2)
     captured = capture_samples(monkeypatch)
     loss = task.training_step(make_batch([7, 9, 11]), 0)
     tokens = captured[0].tokens
@@ -209,7 +233,10 @@ def test_beam_mean_uses_the_beam_as_samples():
     task = make_task(num_samples=3, baseline="beam_mean")
     batch = make_batch([7, 9])
     state = task.model.init_state(batch["image_features"], batch["image_features_mask"])
-    candidates = beam_candidates(task.model.step, state, beam_size=3, max_length=6, vocabulary=VOCABULARY)
+    specials = dict(
+        bos_index=VOCABULARY.bos_index, eos_index=VOCABULARY.eos_index, unk_index=VOCABULARY.unk_index
+    )
+    candidates = beam_candidates(task.model.step, state, beam_size=3, max_length=6, **specials)
     best = beam_search(task.model.step, state, beam_size=3, max_length=6)
     assert torch.equal(candidates[::3], best.tokens)
     assert len({tuple(row) for row in candidates[:3].tolist()}) == 3
@@ -219,11 +246,11 @@ def test_beam_mean_uses_the_beam_as_samples():
 
 def save_checkpoint(path: Path, vocabulary: Vocabulary, hidden_size: int = 16) -> dict:
     torch.manual_seed(5)
-    source = SCSTCaptioningTask(embedding_size=8, hidden_size=hidden_size, attention_size=8)
-    source.build_model(vocabulary, FEATURE_SIZE)
-    state = {f"model.{k}": v for k, v in source.model.state_dict().items()}
-    torch.save({"state_dict": state, "vocabulary": vocabulary.tokens, "image_feature_size": FEATURE_SIZE,
-                "hyper_parameters": dict(source.hparams)}, path)  # fmt: skip
+    source = SCSTCaptioningTask(net=NET.replace(hidden_size=hidden_size))
+    source.setup_model(spec_of(vocabulary))
+    checkpoint = {"state_dict": {f"model.{k}": v for k, v in source.model.state_dict().items()}}
+    source.on_save_checkpoint(checkpoint)
+    torch.save({**checkpoint, "hyper_parameters": dict(source.hparams)}, path)
     return source.model.state_dict()
 
 
@@ -241,7 +268,7 @@ def test_initial_weights_load_and_mismatches_are_named(tmp_path):
     assert "'horse' vs 'sits'" in str(error.value)
 
     save_checkpoint(tmp_path / "big.ckpt", VOCABULARY, hidden_size=24)
-    with pytest.raises(ValueError, match="'hidden_size': 24"):
+    with pytest.raises(ValueError, match="hidden_size=24"):
         task.load_initial_weights(str(tmp_path / "big.ckpt"))
 
 
@@ -251,8 +278,8 @@ def test_a_resumed_run_keeps_its_starting_scores():
     checkpoint: dict = {}
     task.on_save_checkpoint(checkpoint)
     assert checkpoint["scst_start_metrics"] == {"start/val/cider": 1.5}
-    assert checkpoint["vocabulary"] == VOCABULARY.tokens
-    resumed = SCSTCaptioningTask(embedding_size=8, hidden_size=16, attention_size=8)
+    assert checkpoint["data_spec"]["vocabularies"]["caption"] == VOCABULARY.tokens
+    resumed = SCSTCaptioningTask(net=NET)
     resumed.on_load_checkpoint(checkpoint)
     assert resumed._resumed and resumed.extra_metrics == {"start/val/cider": 1.5}
     assert resumed.vocabulary == VOCABULARY
@@ -260,7 +287,11 @@ def test_a_resumed_run_keeps_its_starting_scores():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"baseline": "max"}, "not known"), ({"num_samples": 1}, "at least 2"), ({"bleu_weight": -1.0}, ">= 0")],
+    [
+        ({"baseline": "max"}, "not one of"),
+        ({"num_samples": 1}, "at least 2"),
+        ({"bleu_weight": -1.0}, ">= 0"),
+    ],
 )
 def test_invalid_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -279,12 +310,14 @@ def test_scst_configs_keep_the_xe_model_sizes(capsys, monkeypatch):
     config = printed_config(capsys, "synthetic.yaml", "synthetic_scst.yaml")
     model = config["model"]
     assert model["class_path"] == "updown.tasks.scst.SCSTCaptioningTask"
-    assert (model["init_args"]["hidden_size"], model["init_args"]["attention_size"]) == (256, 128)
-    assert (model["init_args"]["beam_size"], config["data"]["init_args"]["batch_size"]) == (3, 20)
+    net = model["init_args"]["net"]
+    assert (net["hidden_size"], net["attention_size"]) == (256, 128)
+    assert (model["init_args"]["decoding"]["beam_size"], config["data"]["init_args"]["batch_size"]) == (3, 20)
     model = printed_config(capsys, "updown_xe.yaml", "updown_scst.yaml")["model"]["init_args"]
-    assert (model["hidden_size"], model["optimizer"], model["learning_rate"], model["lr_schedule"]) == (
+    optimizer = model["optimizer"]
+    assert (model["net"]["hidden_size"], optimizer["name"], optimizer["lr"], optimizer["schedule"]) == (
         1000, "adam", 5e-5, "constant")  # fmt: skip
-    assert (model["num_samples"], model["baseline"], model["weight_decay"]) == (5, "mean_of_others", 0.0)
+    assert (model["num_samples"], model["baseline"], optimizer["weight_decay"]) == (5, "mean_of_others", 0.0)
 
 
 def test_xe_then_scst_records_start_and_final_cider(tmp_path, tiny_world, monkeypatch):
@@ -292,14 +325,25 @@ def test_xe_then_scst_records_start_and_final_cider(tmp_path, tiny_world, monkey
     common = [
         "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
         "--trainer.num_sanity_val_steps", "0", "--model.init_args.val_metrics", "[CIDEr]",
-        "--model.init_args.embedding_size", "16", "--model.init_args.hidden_size", "32",
-        "--model.init_args.attention_size", "16", "--data.init_args.data_root", str(tiny_world.root.parent),
+        "--model.init_args.net.embedding_size", "16", "--model.init_args.net.hidden_size", "32",
+        "--model.init_args.net.attention_size", "16", "--data.init_args.data_root", str(tiny_world.root.parent),
         "--data.init_args.synthetic.num_train", str(TINY_SPEC.num_train),
         "--data.init_args.synthetic.num_val", str(TINY_SPEC.num_val),
         "--data.init_args.synthetic.num_test", str(TINY_SPEC.num_test),
         "--data.init_args.synthetic.feature_size", str(TINY_SPEC.feature_size),
     ]  # fmt: skip
-    assert main(["--config", "configs/captioning/synthetic.yaml", *common, "--trainer.default_root_dir", str(tmp_path / "xe")]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                "configs/captioning/synthetic.yaml",
+                *common,
+                "--trainer.default_root_dir",
+                str(tmp_path / "xe"),
+            ]
+        )
+        == 0
+    )
     xe = json.loads((tmp_path / "xe" / "lightning_logs" / "version_0" / "metrics.json").read_text())
     scst_args = [
         "--config", "configs/captioning/synthetic.yaml", "--config", "configs/captioning/synthetic_scst.yaml", *common,
@@ -313,7 +357,13 @@ def test_xe_then_scst_records_start_and_final_cider(tmp_path, tiny_world, monkey
     assert metrics["gain/val/cider"] == pytest.approx(metrics["val/cider"] / metrics["start/val/cider"] - 1)
     assert metrics["global_step"] == 3
     logged = (run / "metrics.csv").read_text().splitlines()[0]
-    for key in ("train/reward", "train/baseline", "train/advantage", "train/sample_length", "train/no_eos_fraction"):
+    for key in (
+        "train/reward",
+        "train/baseline",
+        "train/advantage",
+        "train/sample_length",
+        "train/no_eos_fraction",
+    ):
         assert key in logged
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["scst_start_metrics"]["start/val/cider"] == metrics["start/val/cider"]

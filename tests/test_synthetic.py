@@ -31,7 +31,9 @@ def test_same_seed_same_world_other_seed_other_world(tmp_path):
     write_raw_world(spec, b, progress=False)
     assert _digest(a) == _digest(b)
     c = SyntheticWorld(tmp_path / "c")
-    write_raw_world(SyntheticSpec(seed=1, num_train=8, num_val=2, num_test=2, feature_size=16), c, progress=False)
+    write_raw_world(
+        SyntheticSpec(seed=1, num_train=8, num_val=2, num_test=2, feature_size=16), c, progress=False
+    )
     assert _digest(a) != _digest(c)
 
 
@@ -60,7 +62,9 @@ def test_captions_talk_about_the_salient_object_and_differ_across_images(tiny_wo
         salient = objects[str(image["cocoid"])][0]
         assert salient["size"] == "large"
         for sentence in image["sentences"]:
-            assert salient["category"] in sentence["tokens"] or salient["category"] + "s" in sentence["tokens"]
+            assert (
+                salient["category"] in sentence["tokens"] or salient["category"] + "s" in sentence["tokens"]
+            )
         distinct.add(tuple(sorted(s["raw"] for s in image["sentences"])))
         # The region labels point at the salient object: some region of object 0 carries its category.
         owner = reader.extra(image["cocoid"], "region_object")
@@ -101,7 +105,11 @@ def test_the_world_needs_the_regions(tmp_path):
 
 
 def _ensure(root):
-    return str(ensure_synthetic_world(SyntheticSpec(num_train=20, num_val=4, num_test=4, feature_size=16), root, False).root)
+    return str(
+        ensure_synthetic_world(
+            SyntheticSpec(num_train=20, num_val=4, num_test=4, feature_size=16), root, False
+        ).root
+    )
 
 
 def test_cache_is_reused_and_safe_when_two_processes_start_at_once(tmp_path):
@@ -109,8 +117,12 @@ def test_cache_is_reused_and_safe_when_two_processes_start_at_once(tmp_path):
         roots = pool.map(_ensure, [tmp_path, tmp_path])
     assert roots[0] == roots[1]
     entries = sorted(p.name for p in tmp_path.iterdir())
-    assert [e for e in entries if not e.endswith(".lock")] == [SyntheticSpec(num_train=20, num_val=4, num_test=4, feature_size=16).key()]
-    world = ensure_synthetic_world(SyntheticSpec(num_train=20, num_val=4, num_test=4, feature_size=16), tmp_path)
+    assert [e for e in entries if not e.endswith(".lock")] == [
+        SyntheticSpec(num_train=20, num_val=4, num_test=4, feature_size=16).key()
+    ]
+    world = ensure_synthetic_world(
+        SyntheticSpec(num_train=20, num_val=4, num_test=4, feature_size=16), tmp_path
+    )
     assert str(world.root) == roots[0] and (world.captions_dir / "vocabulary.json").exists()
 
 

@@ -16,7 +16,9 @@ from updown.visualize import (
     regions_figure,
 )
 
-BOXES = np.array([[10, 10, 200, 150], [300, 50, 600, 400], [50, 200, 250, 470], [0, 0, 640, 480]], dtype=float)
+BOXES = np.array(
+    [[10, 10, 200, 150], [300, 50, 600, 400], [50, 200, 250, 470], [0, 0, 640, 480]], dtype=float
+)
 
 
 def _pixels(figure) -> np.ndarray:
@@ -54,7 +56,9 @@ def test_caption_strip_has_one_panel_per_word():
 
 
 def test_question_figure():
-    figure = question_attention_figure("What color is the dog?", "brown", [0.9, 0.05, 0.05, 0.0], BOXES, image_size=(640, 480))
+    figure = question_attention_figure(
+        "What color is the dog?", "brown", [0.9, 0.05, 0.05, 0.0], BOXES, image_size=(640, 480)
+    )
     assert "A: brown" in figure.axes[0].get_title()
     _assert_drawn(figure)
 
@@ -65,7 +69,11 @@ def test_entropy_and_statistics():
     attention[1, :, :2] = 0.5  # uniform over its 2 real boxes: log 2
     entropy = attention_entropy(attention, np.array([4, 2])[:, None])
     np.testing.assert_allclose(entropy, [[0, 0, 0], [np.log(2)] * 3], atol=1e-12)
-    figure = attention_statistics_figure(attention, lengths=np.array([3, 2]), num_boxes=np.array([4, 2]),
-                                         grounding={"dog": (8, 10), "bus": (3, 4)})
+    figure = attention_statistics_figure(
+        attention,
+        lengths=np.array([3, 2]),
+        num_boxes=np.array([4, 2]),
+        grounding={"dog": (8, 10), "bus": (3, 4)},
+    )
     assert len(figure.axes) == 2
     _assert_drawn(figure)

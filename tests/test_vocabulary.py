@@ -10,7 +10,12 @@ from updown.data.vocabulary import AnswerVocabulary, Vocabulary, tokenize_captio
 def test_special_tokens_have_fixed_distinct_indices():
     vocabulary = Vocabulary.from_counts(Counter({"dog": 9, "cat": 9, "a": 20, "rare": 2}), min_count=5)
     assert vocabulary.tokens[:4] == ["<pad>", "<unk>", "<bos>", "<eos>"]
-    assert (vocabulary.pad_index, vocabulary.unk_index, vocabulary.bos_index, vocabulary.eos_index) == (0, 1, 2, 3)
+    assert (vocabulary.pad_index, vocabulary.unk_index, vocabulary.bos_index, vocabulary.eos_index) == (
+        0,
+        1,
+        2,
+        3,
+    )
     # Most frequent first, ties alphabetical; words under min_count are left out.
     assert vocabulary.tokens[4:] == ["a", "cat", "dog"]
 

@@ -184,8 +184,8 @@ def test_datamodule_on_real_questions_without_annotations(tmp_path):
         min_answer_count=2,
     )
     datamodule = VQADataModule(
-        str(tmp_path / "features.h5"),
-        str(tmp_path / "prepared"),
+        features_h5path=str(tmp_path / "features.h5"),
+        prepared_dir=str(tmp_path / "prepared"),
         val_split="train",
         test_split="test-dev",
         eval_batch_size=100,

@@ -8,16 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from updown.models.vqa import UpDownVQA, load_glove
+from updown.data.glove import load_glove
+from updown.models.vqa import UpDownVQA, VQAConfig
 
 V, A, D, E, HIDDEN, B, R, T = 30, 6, 10, 8, 16, 4, 5, 6
 
 
 def _model(seed: int = 0, **kwargs) -> UpDownVQA:
     torch.manual_seed(seed)
-    options = dict(image_feature_size=D, embedding_size=E, hidden_size=HIDDEN, num_heads=4)
-    options.update(kwargs)
-    return UpDownVQA(V, A, **options)
+    model_arguments = {
+        k: kwargs.pop(k)
+        for k in ("question_only", "word_vectors", "feature_encoder", "grid_shape")
+        if k in kwargs
+    }
+    config = VQAConfig(**{**dict(embedding_size=E, hidden_size=HIDDEN, num_heads=4), **kwargs})
+    return UpDownVQA(V, A, D, config, **model_arguments)
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -213,7 +218,7 @@ def test_parameter_count_of_the_paper_configuration(weight_norm):
         + _gated_tanh(h, 2 * h, weight_norm)
         + _linear(2 * h, answers, weight_norm)  # classifier
     )
-    model = UpDownVQA(vocabulary, answers, weight_norm=weight_norm)
+    model = UpDownVQA(vocabulary, answers, config=VQAConfig(weight_norm=weight_norm))
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
@@ -273,10 +278,7 @@ def _train_and_score(question_only: bool, max_epochs: int) -> tuple[float, float
         8,
         colours,
         image_feature_size=8,
-        embedding_size=8,
-        hidden_size=32,
-        dropout=0.0,
-        classifier_dropout=0.0,
+        config=VQAConfig(embedding_size=8, hidden_size=32, dropout=0.0, classifier_dropout=0.0),
         question_only=question_only,
     )
     optimizer = torch.optim.Adamax(model.parameters(), lr=0.01)
@@ -365,16 +367,15 @@ def test_model_initialises_the_embedding_from_glove(tmp_path):
         "dog " + " ".join(["0.5"] * E) + "\n<pad> " + " ".join(["9"] * E) + "\n", encoding="utf-8"
     )
     tokens = ["<pad>", "<unk>", "dog"] + [f"w{i}" for i in range(V - 3)]
-    model = _model(seed=3, glove_path=str(path), vocabulary_tokens=tokens)
     random_init = _model(seed=3).embedding.weight
-    assert model.glove_words_found == 2
+    vectors, found = load_glove(path, tokens, random_init)
+    model = _model(seed=3, word_vectors=vectors)
+    assert found == 2
     assert torch.all(model.embedding.weight[2] == 0.5)
     assert torch.all(model.embedding.weight[0] == 0)  # padding stays zero even if the file has "<pad>"
     assert torch.equal(model.embedding.weight[[1, *range(3, V)]], random_init[[1, *range(3, V)]])
-    with pytest.raises(ValueError, match="vocabulary_tokens"):
-        _model(glove_path=str(path), vocabulary_tokens=tokens[:-1])
-    with pytest.raises(ValueError, match="embedding_size=8"):
-        _model(glove_path=str(path), vocabulary_tokens=tokens, embedding_size=E + 1)
+    with pytest.raises(ValueError, match="embedding_size"):
+        _model(word_vectors=vectors, embedding_size=E + 1)
 
 
 def test_invalid_inputs_are_rejected():

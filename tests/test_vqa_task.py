@@ -19,6 +19,7 @@ from updown.fit import main
 from updown.io import read_json
 from updown.losses import soft_score_bce
 from updown.metrics.vqa_accuracy import evaluate_vqa
+from updown.models.vqa import VQAConfig
 from updown.tasks.vqa import VQATask
 
 CONFIG = ROOT / "configs" / "vqa" / "synthetic.yaml"
@@ -33,8 +34,8 @@ def tiny_args(root: Path, data_root: Path, *extra: str) -> list[str]:
         "--trainer.default_root_dir", str(root),
         "--trainer.max_epochs", "2",
         "--trainer.enable_progress_bar", "false",
-        "--model.init_args.embedding_size", "8",
-        "--model.init_args.hidden_size", "16",
+        "--model.init_args.net.embedding_size", "8",
+        "--model.init_args.net.hidden_size", "16",
         "--data.init_args.batch_size", str(BATCH_SIZE),
         *synthetic_world_args(data_root, spec),
         *extra,
@@ -69,15 +70,15 @@ def test_fit_writes_accuracies_and_checkpoint_vocabularies(fitted_run, datamodul
 
     checkpoint = torch.load(fitted_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     prepared = Path(datamodule.prepared_dir)
+    spec = checkpoint["data_spec"]
     assert (
-        checkpoint["question_vocabulary"]
-        == Vocabulary.from_file(prepared / "question_vocabulary.json").tokens
+        spec["vocabularies"]["question"] == Vocabulary.from_file(prepared / "question_vocabulary.json").tokens
     )
     assert (
-        checkpoint["answer_vocabulary"]
+        spec["vocabularies"]["answer"]
         == AnswerVocabulary.from_file(prepared / "answer_vocabulary.json").answers
     )
-    assert checkpoint["image_feature_size"] == TINY_SPEC.feature_size
+    assert spec["image_feature_size"] == TINY_SPEC.feature_size
     assert any(key.startswith("question_only_model.") for key in checkpoint["state_dict"])
 
 
@@ -88,7 +89,11 @@ def test_logged_accuracy_equals_official_evaluation_of_written_predictions(fitte
     results, baseline_results = [], []
     with torch.no_grad():
         for index, batch in enumerate(datamodule.val_dataloader()):
-            results += task.predict_step(batch, index)
+            prediction = task.predict_step(batch, index)
+            results += [
+                {"question_id": q, "answer": a}
+                for q, a in zip(prediction["question_id"], prediction["answer"])
+            ]
             answers = task.answer(batch, question_only=True)
             baseline_results += [
                 {"question_id": q, "answer": a} for q, a in zip(batch["question_id"].tolist(), answers)
@@ -115,8 +120,8 @@ def test_logged_accuracy_equals_official_evaluation_of_written_predictions(fitte
 
 def test_checkpoint_with_another_answer_vocabulary_is_refused(fitted_run, datamodule, tmp_path, capsys):
     checkpoint = torch.load(fitted_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    answers = checkpoint["answer_vocabulary"]
-    checkpoint["answer_vocabulary"] = [answers[1], answers[0], *answers[2:]]
+    answers = checkpoint["data_spec"]["vocabularies"]["answer"]
+    checkpoint["data_spec"]["vocabularies"]["answer"] = [answers[1], answers[0], *answers[2:]]
     other = tmp_path / "other_answers.ckpt"
     torch.save(checkpoint, other)
 
@@ -130,15 +135,15 @@ def test_checkpoint_with_another_answer_vocabulary_is_refused(fitted_run, datamo
     # A task restored from that checkpoint, put on the data (what configure_model does before validate/test).
     task = VQATask.load_from_checkpoint(other, map_location="cpu")
     with pytest.raises(
-        ValueError, match="Answer vocabulary mismatch: the model has .* answer classes, the data"
+        ValueError, match="Answer vocabulary mismatch: the checkpoint has .* answer classes, the data"
     ):
-        task.check_vocabularies(datamodule.question_vocabulary, datamodule.answer_vocabulary, "the data")
+        task.data_spec.check_matches(datamodule.data_spec())
 
 
 def test_question_only_baseline_leaves_the_model_gradients_alone(datamodule):
     torch.manual_seed(0)
-    task = VQATask(embedding_size=8, hidden_size=16, question_only_baseline=True)
-    task.build_model(datamodule.question_vocabulary, datamodule.answer_vocabulary, TINY_SPEC.feature_size)
+    task = VQATask(net=VQAConfig(embedding_size=8, hidden_size=16), question_only_baseline=True)
+    task.setup_model(datamodule.data_spec())
     task.eval()  # no dropout, so the reference below sees the same function
     batch = next(iter(datamodule.train_dataloader()))
     reference = copy.deepcopy(task.model)
@@ -195,7 +200,7 @@ def test_predict_vqa_writes_official_results_and_attention(fitted_run, tmp_path)
     results = json.loads(output.read_text())
     assert all(set(r) == {"question_id", "answer"} for r in results)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    from updown.data.datamodules import datamodule_from_checkpoint
+    from updown.data.base import datamodule_from_checkpoint
 
     data = datamodule_from_checkpoint(VQADataModule, saved)
     assert (

@@ -31,19 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (name, world, extra arguments)
 PAPER_LAYERS = [
-    "--model.init_args.activation", "gated_tanh",
-    "--model.init_args.attention", "concat",
-    "--model.init_args.feature_norm", "none",
+    "--model.init_args.net.activation", "gated_tanh",
+    "--model.init_args.net.attention", "concat",
+    "--model.init_args.net.feature_norm", "none",
 ]  # fmt: skip
 VARIANTS = [
     ("base (synthetic config)", "regions", []),
     ("paper's layers (gated tanh, concat attention, raw features)", "regions", PAPER_LAYERS),
-    ("+ SE block", "regions", ["--model.init_args.feature_encoder", "se"]),
-    ("+ Non-local block", "regions", ["--model.init_args.feature_encoder", "nonlocal"]),
-    ("+ GC block", "regions", ["--model.init_args.feature_encoder", "gc"]),
-    ("cross-attention fusion", "regions", ["--model.init_args.fusion", "cross_attention"]),
+    ("+ SE block", "regions", ["--model.init_args.net.feature_encoder", "se"]),
+    ("+ Non-local block", "regions", ["--model.init_args.net.feature_encoder", "nonlocal"]),
+    ("+ GC block", "regions", ["--model.init_args.net.feature_encoder", "gc"]),
+    ("cross-attention fusion", "regions", ["--model.init_args.net.fusion", "cross_attention"]),
     ("base, grid features (6x6)", "grid", []),
-    ("+ CoT block, grid features (6x6)", "grid", ["--model.init_args.feature_encoder", "cot"]),
+    ("+ CoT block, grid features (6x6)", "grid", ["--model.init_args.net.feature_encoder", "cot"]),
 ]
 
 

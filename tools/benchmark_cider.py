@@ -8,7 +8,7 @@ both compute the same numbers (the maximum difference is printed), and is timed 
 cached, as during training) and cold (``add_references`` for the batch's images included).
 
     python tools/benchmark_cider.py                       # synthetic captions
-    python tools/benchmark_cider.py --references ../shared/realdata/coco-caption/captions_val2014_fakecap_gt.json
+    python tools/benchmark_cider.py --references tests/data/coco-caption/captions_val2014_fakecap_gt.json
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 Rows: float32 / float16 files, lazy (read per item from HDF5) vs in-memory, 0 and 2 workers. The ceiling
 copies the same bytes (36 x 2048 float32 per image, into a batch array) with numpy from memory: no reader
 can deliver batches faster than that. Files are read from the page cache (a warm-up epoch runs first), which is
-how a training run sees them after its first epoch. Prints a markdown table for the README.
+how a training run sees them after its first epoch. Prints a markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations

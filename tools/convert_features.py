@@ -3,9 +3,9 @@
     python tools/convert_features.py --input trainval_36/*.tsv --output trainval_36.h5 --max-boxes 36
 
 Reads one or more TSV files (see updown/data/tsv.py for the two layouts) into one HDF5 file as described in
-DESIGN section 2.1: ``image_id``, ``features`` (N, max_boxes, D), ``boxes``, ``num_boxes``, ``image_w``,
-``image_h``, plus ``objects_id``, ``objects_conf``, ``attrs_id``, ``attrs_conf`` for LXMERT files. Rows are
-streamed one at a time, so memory stays constant for files of any size. The output is written under a
+docs/design.md, section 2.1: ``image_id``, ``features`` (N, max_boxes, D), ``boxes``, ``num_boxes``,
+``image_w``, ``image_h``, plus ``objects_id``, ``objects_conf``, ``attrs_id``, ``attrs_conf`` for LXMERT files.
+Rows are streamed one at a time, so memory stays constant for files of any size. The output is written under a
 temporary name and renamed only on success; an existing output is never replaced without ``--force``.
 
 Without ``--max-boxes``, a first pass reads only the ``num_boxes`` column of every file to find the largest

@@ -1,4 +1,4 @@
-"""Write the synthetic world (DESIGN 4) into a folder, in the real file formats.
+"""Write the synthetic world (docs/design.md, section 4) into a folder, in the real file formats.
 
     python tools/make_synthetic.py --output /tmp/world [--tsv] [--seed 0] [--num-train 1500] [--grid]
 

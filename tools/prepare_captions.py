@@ -1,4 +1,4 @@
-"""Prepare captions for training and evaluation (DESIGN 2.2).
+"""Prepare captions for training and evaluation (docs/design.md, section 2.2).
 
 From Karpathy's split:
     python tools/prepare_captions.py --karpathy data/dataset_coco.json --output data/captions

@@ -1,4 +1,4 @@
-"""Prepare VQA v2 questions, answers, vocabularies and soft targets (DESIGN 2.3).
+"""Prepare VQA v2 questions, answers, vocabularies and soft targets (docs/design.md, section 2.3).
 
 For val evaluation (answer classes from train):
     python tools/prepare_vqa.py \

@@ -19,10 +19,13 @@ on which other images share its batch. Time steps are a Python loop; images and 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from updown.config import Config
 
 State = dict[str, torch.Tensor]
 StepFunction = Callable[..., tuple]
@@ -55,6 +58,31 @@ class DecodingOutput:
         """``(N, max_length)`` bool, True for the tokens up to and including ``<eos>``."""
         positions = torch.arange(self.tokens.size(1), device=self.tokens.device)
         return positions.unsqueeze(0) < self.lengths.unsqueeze(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSearchConfig(Config):
+    """How a task decodes for validation, test and prediction (the paper's: beam 5, 20 tokens).
+
+    Args:
+        beam_size: hypotheses kept per image (1: greedy).
+        max_length: most tokens decoded, ``<eos>`` included.
+        length_penalty: GNMT length penalty alpha (0: rank by the plain log-probability).
+        block_trigrams: forbid repeating a trigram within a caption.
+    """
+
+    beam_size: int = 5
+    max_length: int = 20
+    length_penalty: float = 0.0
+    block_trigrams: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beam_size < 1 or self.max_length < 1 or self.length_penalty < 0:
+            raise ValueError(
+                f"BeamSearchConfig: beam_size={self.beam_size} and max_length={self.max_length} must be at least 1 "
+                f"and length_penalty={self.length_penalty} at least 0."
+            )
 
 
 def state_batch_size(state: State) -> int:
@@ -394,3 +422,57 @@ def beam_search(
         scores=scores.gather(1, best.unsqueeze(1)).squeeze(1),
         attention=attention_out,
     )
+
+
+@torch.no_grad()
+def beam_candidates(
+    step: StepFunction,
+    state: State,
+    *,
+    beam_size: int,
+    max_length: int,
+    bos_index: int,
+    eos_index: int,
+    pad_index: int = 0,
+    unk_index: int | None = None,
+) -> torch.Tensor:
+    """All ``beam_size`` final hypotheses of a beam search (plain log-probability, ``<unk>`` suppressed).
+
+    Finished hypotheses keep their slot and continue with ``<pad>`` at no cost, as in
+    :func:`updown.decoding.beam_search`; the vocabulary must allow more than ``beam_size`` words so no slot
+    is ever a placeholder.
+
+    Returns:
+        ``(B * beam_size, max_length)`` int64 tokens after ``<bos>``, image-major, ``<eos>`` then ``<pad>``.
+    """
+    num_images = state_batch_size(state)
+    num_rows = num_images * beam_size
+    state = repeat_state(state, beam_size)
+    device = next(iter(state.values())).device
+    pad, eos = pad_index, eos_index
+    offsets = torch.arange(num_images, device=device).unsqueeze(1) * beam_size
+    tokens = torch.full((num_rows,), bos_index, dtype=torch.long, device=device)
+    # shape: (B, beam_size); only the first copy starts alive so the beam does not hold k equal hypotheses
+    sums = torch.full((num_images, beam_size), float("-inf"), device=device)
+    sums[:, 0] = 0.0
+    finished = torch.zeros(num_images, beam_size, dtype=torch.bool, device=device)
+    history = torch.zeros(num_rows, 0, dtype=torch.long, device=device)
+    for _ in range(max_length):
+        result = step(tokens, state)
+        logprobs, state = result[0].float(), result[1]
+        logprobs[:, [i for i in (pad, bos_index, unk_index) if i is not None]] = float("-inf")
+        pad_only = torch.full_like(logprobs[0], float("-inf"))
+        pad_only[pad] = 0.0
+        # shape: (B, beam_size, V)
+        logprobs = torch.where(finished.view(num_rows, 1), pad_only, logprobs).view(num_images, beam_size, -1)
+        sums, chosen = (sums.unsqueeze(2) + logprobs).view(num_images, -1).topk(beam_size, dim=1)
+        beams, next_tokens = chosen // logprobs.size(2), chosen % logprobs.size(2)
+        finished = finished.gather(1, beams) | (next_tokens == eos)
+        rows = (beams + offsets).view(num_rows)
+        tokens = next_tokens.view(num_rows)
+        state = reorder_state(state, rows)
+        history = torch.cat([history.index_select(0, rows), tokens.unsqueeze(1)], dim=1)
+        if bool(finished.all()):
+            break
+    padding = history.new_full((num_rows, max_length - history.size(1)), pad)
+    return torch.cat([history, padding], dim=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -130,3 +131,50 @@ def hardest_negative_ranking_loss(
     if max_violation:
         return caption_violations.amax(dim=1).sum() + image_violations.amax(dim=0).sum()
     return caption_violations.sum() + image_violations.sum()
+
+
+def self_critical_baseline(
+    reward: np.ndarray, kind: str, greedy_reward: np.ndarray | None = None
+) -> np.ndarray:
+    """The baseline of each sample.
+
+    Args:
+        reward: ``(B, k)`` rewards of the k samples of each image.
+        kind: "mean_of_others" (mean of the image's other k - 1 rewards), "beam_mean" (mean of all k) or
+            "greedy" (``greedy_reward`` of the image).
+        greedy_reward: ``(B,)`` rewards of the greedy captions, for "greedy".
+
+    Returns:
+        ``(B, k)`` baselines.
+    """
+    num_samples = reward.shape[1]
+    if kind == "mean_of_others":
+        return (reward.sum(axis=1, keepdims=True) - reward) / (num_samples - 1)
+    if kind == "beam_mean":
+        return np.repeat(reward.mean(axis=1, keepdims=True), num_samples, axis=1)
+    return np.repeat(greedy_reward[:, None], num_samples, axis=1)
+
+
+def retrieval_loss(
+    similarity: torch.Tensor, image_id: torch.Tensor, margin: float = 0.2, max_violation: bool = True
+) -> torch.Tensor:
+    """Hardest-negative ranking loss of a batch of pairs whose images may repeat.
+
+    A caption of the same image is a true match, not a negative: such pairs are set to ``-inf`` so that
+    no hinge can pick them (their gradient is zero).
+
+    Args:
+        similarity: ``(B, B)`` scores of image ``i`` with caption ``j``; pair ``i`` on the diagonal.
+        image_id: ``(B,)`` the image of each pair.
+        margin: hinge margin (VSE++ / BFAN: 0.2).
+        max_violation: hardest negative only (VSE++ "MH", BFAN's ``--max_violation``) or sum over all.
+
+    Returns:
+        Scalar loss, summed over the batch as in VSE++ and BFAN.
+    """
+    # shape: (B, B)
+    same_image = image_id.unsqueeze(1) == image_id.unsqueeze(0)
+    same_image.fill_diagonal_(False)
+    return hardest_negative_ranking_loss(
+        similarity.masked_fill(same_image, float("-inf")), margin, max_violation
+    )

@@ -1,7 +1,7 @@
 """Batch dictionaries: the one place where batch keys are defined.
 
-Every collate function returns one of these, and every model and task reads these keys, so a name means
-the same thing from the HDF5 file to the loss. Shapes use ``B`` for batch size, ``R`` for the number of
+Every collate function returns one of these (its return annotation says which), and every task step takes
+one, so a name means the same thing from the HDF5 file to the loss. Shapes use ``B`` for batch size, ``R`` for the number of
 regions (boxes) after padding to the batch's largest box count, ``D`` for the feature size, ``T`` for
 sequence length.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TypedDict
 
 import torch
+from typing_extensions import NotRequired  # typing.NotRequired from Python 3.11
 
 
 class RegionBatch(TypedDict):
@@ -50,9 +51,39 @@ class CaptionEvalBatch(RegionBatch):
 
     Keys (besides :class:`RegionBatch`):
         references: list of B lists of raw caption strings.
+        region_category: ``(B, R)`` int64 object category of each region, -1 for background and padding;
+            only when the feature file labels its regions (the synthetic world does), for grounding.
     """
 
     references: list[list[str]]
+    region_category: NotRequired[torch.Tensor]
+
+
+class RetrievalTrainBatch(RegionBatch):
+    """B (image, caption) pairs; row ``i`` of the regions and caption ``i`` match (images may repeat).
+
+    Keys (besides :class:`RegionBatch`):
+        caption_tokens: ``(B, T)`` int64 with ``<bos>`` and ``<eos>``.
+        caption_lengths: ``(B,)`` int64.
+    """
+
+    caption_tokens: torch.Tensor
+    caption_lengths: torch.Tensor
+
+
+class RetrievalEvalBatch(RegionBatch):
+    """B images with k captions each, in image order (caption ``j`` belongs to image ``j // k``).
+
+    Keys (besides :class:`RegionBatch`):
+        caption_tokens: ``(B * k, T)`` int64.
+        caption_lengths: ``(B * k,)`` int64.
+        dataset_index: ``(B,)`` int64, each image's position in the split (restores the order after ranks
+            are gathered).
+    """
+
+    caption_tokens: torch.Tensor
+    caption_lengths: torch.Tensor
+    dataset_index: torch.Tensor
 
 
 class VQABatch(RegionBatch):
@@ -65,6 +96,7 @@ class VQABatch(RegionBatch):
         answer_scores: ``(B, A)`` float32 soft VQA scores per answer in the answer vocabulary
             (all zero for questions without annotations).
         answers: list of B lists of the 10 raw human answers (empty without annotations).
+        answer_types: B official answer types ("yes/no", "number", "other"); None without annotations.
     """
 
     question_id: torch.Tensor
@@ -72,4 +104,4 @@ class VQABatch(RegionBatch):
     question_lengths: torch.Tensor
     answer_scores: torch.Tensor
     answers: list[list[str]]
-    answer_types: list[str | None]  # B official answer types ("yes/no", "number", "other"); None without annotations
+    answer_types: list[str | None]

@@ -88,13 +88,22 @@ def draw_regions(
         )  # fmt: skip
         if labels is not None:
             text = labels[index] if weights is None else f"{labels[index]} {weights[index]:.2f}"
-            ax.text(x1 + 2, y1 + 2, text, fontsize=7, va="top", color="white",
-                    bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
+            ax.text(
+                x1 + 2,
+                y1 + 2,
+                text,
+                fontsize=7,
+                va="top",
+                color="white",
+                bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0},
+            )
     if title:
         ax.set_title(title, fontsize=9)
 
 
-def regions_figure(boxes, weights=None, image=None, image_size=None, labels=None, top_k=None, title=None) -> Figure:
+def regions_figure(
+    boxes, weights=None, image=None, image_size=None, labels=None, top_k=None, title=None
+) -> Figure:
     """One image with its boxes (see :func:`draw_regions` for the arguments)."""
     figure = Figure(figsize=(5, 4), layout="constrained")
     draw_regions(figure.add_subplot(), boxes, weights, image, image_size, labels, top_k, title)
@@ -126,7 +135,9 @@ def caption_attention_figure(
     attention = _numpy(attention)
     words = list(words)
     if attention.shape[0] < len(words):
-        raise ValueError(f"caption_attention_figure: {len(words)} words but attention for {attention.shape[0]} steps.")
+        raise ValueError(
+            f"caption_attention_figure: {len(words)} words but attention for {attention.shape[0]} steps."
+        )
     rows = math.ceil(len(words) / columns)
     figure = Figure(figsize=(3.0 * min(columns, len(words)), 2.6 * rows), layout="constrained")
     for index, word in enumerate(words):
@@ -141,8 +152,16 @@ def question_attention_figure(
 ) -> Figure:
     """The question's attention over regions, titled with the question and the predicted answer."""
     figure = Figure(figsize=(5, 4.4), layout="constrained")
-    draw_regions(figure.add_subplot(), boxes, _numpy(attention)[: len(boxes)], image, image_size, labels, top_k,
-                 f"Q: {question}\nA: {answer}")
+    draw_regions(
+        figure.add_subplot(),
+        boxes,
+        _numpy(attention)[: len(boxes)],
+        image,
+        image_size,
+        labels,
+        top_k,
+        f"Q: {question}\nA: {answer}",
+    )
     return figure
 
 
@@ -163,7 +182,9 @@ def attention_entropy(attention, num_boxes) -> np.ndarray:
     return -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(axis=-1)
 
 
-def attention_statistics_figure(attention, lengths, num_boxes, grounding: dict[str, tuple[int, int]] | None = None) -> Figure:
+def attention_statistics_figure(
+    attention, lengths, num_boxes, grounding: dict[str, tuple[int, int]] | None = None
+) -> Figure:
     """Summaries of decoded attention: entropy per decoding step, and (optionally) grounding per category.
 
     Args:
@@ -206,11 +227,15 @@ def load_caption_attention(attention_h5path: str | os.PathLike) -> dict:
     import h5py
 
     if not os.path.isfile(attention_h5path):
-        raise FileNotFoundError(f"{attention_h5path}: attention file not found. Write it with updown.predict --attention.")
+        raise FileNotFoundError(
+            f"{attention_h5path}: attention file not found. Write it with updown.predict --attention."
+        )
     with h5py.File(attention_h5path, "r") as f:
         missing = {"image_id", "tokens", "lengths", "attention", "num_boxes", "boxes", "captions"} - set(f)
         if missing:
-            raise ValueError(f"{attention_h5path}: missing dataset(s) {sorted(missing)}; write it with updown.predict.")
+            raise ValueError(
+                f"{attention_h5path}: missing dataset(s) {sorted(missing)}; write it with updown.predict."
+            )
         data = {name: f[name][()] for name in f}
         data["vocabulary"] = json.loads(f.attrs["vocabulary"])
     data["captions"] = [c.decode() if isinstance(c, bytes) else str(c) for c in data["captions"]]

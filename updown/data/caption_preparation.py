@@ -1,4 +1,6 @@
-"""Prepare caption data from the public releases (DESIGN 2.2); ``tools/prepare_captions.py`` is its CLI.
+"""Prepare caption data from the public releases (docs/design.md, section 2.2).
+
+``tools/prepare_captions.py`` is its CLI.
 
 Inputs: Karpathy's ``dataset_coco.json`` (splits train, restval, val, test), or COCO ``captions_*.json``
 files plus image-id split lists. Outputs, in one folder:

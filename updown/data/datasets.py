@@ -18,9 +18,10 @@ from torch.utils.data import Dataset, get_worker_info
 from updown.data.caption_preparation import ImageCaptions
 from updown.data.readers import RegionFeature, RegionFeatures
 from updown.data.vocabulary import Vocabulary
+from updown.types import CaptionEvalBatch, CaptionTrainBatch, RegionBatch
 
 
-def collate_regions(regions: Sequence[RegionFeature]) -> dict[str, torch.Tensor]:
+def collate_regions(regions: Sequence[RegionFeature]) -> RegionBatch:
     """Pad the regions of a batch of images to the batch's largest box count.
 
     Returns:
@@ -36,10 +37,20 @@ def collate_regions(regions: Sequence[RegionFeature]) -> dict[str, torch.Tensor]
     boxes = _batch_tensor((batch_size, max_boxes, 4), torch.float32)
     spatial = _batch_tensor((batch_size, max_boxes, 5), torch.float32)
     mask = _batch_tensor((batch_size, max_boxes), torch.bool)
-    features_np, boxes_np, spatial_np, mask_np = features.numpy(), boxes.numpy(), spatial.numpy(), mask.numpy()
+    features_np, boxes_np, spatial_np, mask_np = (
+        features.numpy(),
+        boxes.numpy(),
+        spatial.numpy(),
+        mask.numpy(),
+    )
     for i, r in enumerate(regions):
         n = r.num_boxes
-        features_np[i, :n], boxes_np[i, :n], spatial_np[i, :n], mask_np[i, :n] = r.features, r.boxes, r.spatial, True
+        features_np[i, :n], boxes_np[i, :n], spatial_np[i, :n], mask_np[i, :n] = (
+            r.features,
+            r.boxes,
+            r.spatial,
+            True,
+        )
     return {
         "image_id": torch.tensor([r.image_id for r in regions], dtype=torch.long),
         "image_features": features,
@@ -109,7 +120,7 @@ class CaptionTrainingDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[RegionFeature, list[list[int]]]:
         return self.features[self.image_ids[index]], self.captions[index]
 
-    def collate(self, items) -> dict:
+    def collate(self, items) -> CaptionTrainBatch:
         """Stack images once; list every caption with ``image_index`` into the image rows.
 
         Returns:
@@ -146,7 +157,7 @@ class CaptionEvaluationDataset(Dataset):
         return self.features[image_id], self.references[index], categories
 
     @staticmethod
-    def collate(items) -> dict:
+    def collate(items) -> CaptionEvalBatch:
         """:func:`collate_regions` keys plus ``references`` (B lists of raw strings) and, for labelled
         regions, ``region_category (B, R)`` int64 (-1 for background and padding)."""
         batch = collate_regions([regions for regions, _, _ in items])

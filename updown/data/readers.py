@@ -1,8 +1,9 @@
 """Readers: files in, plain numpy and Python objects out, almost as they are on disk.
 
 :class:`RegionFeatures` reads bottom-up region features from one or several HDF5 files in the layout of
-DESIGN 2.1 (padded ``(N, max_boxes, D)`` arrays), and also, unconverted, the variable-length layout of
-nocaps / kdexd/updown-baseline files (flattened ``features`` and ``boxes`` per image, ``width``/``height``).
+docs/design.md, section 2.1 (padded ``(N, max_boxes, D)`` arrays), and also, unconverted, the variable-length
+layout of nocaps / kdexd/updown-baseline files (flattened ``features`` and ``boxes`` per image,
+``width``/``height``).
 The schema is validated when the reader is built; the feature arrays themselves are opened lazily, once
 per process, because h5py handles do not survive ``fork`` into DataLoader workers.
 """
@@ -21,7 +22,7 @@ import numpy as np
 REQUIRED_PADDED = ("image_id", "features", "boxes", "num_boxes", "image_w", "image_h")
 REQUIRED_VARLEN = ("image_id", "features", "boxes", "num_boxes", "width", "height")
 CONVERT_HINT = (
-    "Convert the features with `python tools/convert_features.py` (see the README, 'Region features')."
+    "Convert the features with `python tools/convert_features.py` (docs/data.md, 'Region features (HDF5)')."
 )
 
 

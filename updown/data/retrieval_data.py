@@ -1,7 +1,7 @@
 """Image-text retrieval data: shuffled (image, caption) pairs to train on, 5-caption image sets to evaluate.
 
 The files are the captioning ones (prepared ``captions.json``, ``vocabulary.json``, region features; the
-synthetic world by default), read through :class:`~updown.data.datamodules.CaptioningDataModule`.
+synthetic world by default), read through :class:`~updown.data.datamodules.CaptionFilesDataModule`.
 
 Training follows VSE++ / SCAN / BFAN: one item per (image, caption) pair, shuffled, so an epoch sees every
 caption once and a batch of B pairs gives the (B, B) similarity matrix of the ranking loss. A batch may
@@ -26,12 +26,12 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from updown.data.caption_preparation import ImageCaptions, read_prepared_captions
-from updown.data.datamodules import CaptioningDataModule
+from updown.data.caption_preparation import ImageCaptions
+from updown.data.datamodules import CaptionFilesDataModule
 from updown.data.datasets import collate_regions, pad_sequences
 from updown.data.readers import RegionFeature, RegionFeatures
-from updown.data.synthetic import SyntheticSpec
 from updown.data.vocabulary import Vocabulary
+from updown.types import RetrievalEvalBatch, RetrievalTrainBatch
 
 
 class RetrievalPairDataset(Dataset):
@@ -68,7 +68,7 @@ class RetrievalPairDataset(Dataset):
         image_id, caption = self.pairs[index]
         return self.features[image_id], caption
 
-    def collate(self, items) -> dict:
+    def collate(self, items) -> RetrievalTrainBatch:
         """Batch B pairs; row ``i`` of the regions and caption ``i`` match.
 
         Returns:
@@ -126,7 +126,7 @@ class RetrievalEvaluationDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, RegionFeature, list[list[int]]]:
         return index, self.features[self.image_ids[index]], self.captions[index]
 
-    def collate(self, items) -> dict:
+    def collate(self, items) -> RetrievalEvalBatch:
         """Stack B images once and list their k captions each, in image order.
 
         Returns:
@@ -142,87 +142,51 @@ class RetrievalEvaluationDataset(Dataset):
         return batch
 
 
-class RetrievalDataModule(CaptioningDataModule):
+class RetrievalDataModule(CaptionFilesDataModule):
     """Caption data served for image-text retrieval (see the module docstring for what a batch holds).
 
     Args:
-        features_h5path: region-feature HDF5 file(s) holding every image of the splits used. None: the
-            synthetic world.
-        captions_jsonpath: prepared ``captions.json`` (tools/prepare_captions.py).
-        vocabulary_path: ``vocabulary.json`` written beside it.
-        train_splits: splits trained on (Karpathy: train + restval, as SCAN's 113,287 training images).
-        val_split: split scored during training (COCO: Karpathy val, 5000 images).
-        test_split: split scored by ``test`` (COCO: Karpathy test, 5000 images, the 1K and 5K protocols).
-        batch_size: (image, caption) pairs per training batch (BFAN: 128).
-        eval_batch_size: images per evaluation batch, each with its ``captions_per_image`` captions.
         captions_per_image: captions per image, at most in training and exactly in evaluation (COCO: 5).
         max_caption_length: words kept per caption; long enough that COCO captions stay whole, as in BFAN.
-        num_workers: DataLoader worker processes (a machine setting).
-        in_memory: load all features into memory once.
-        data_root: where the synthetic world is cached (default ``$UPDOWN_DATA`` or the user cache dir).
-        synthetic: parameters of the synthetic world, used when ``features_h5path`` is None.
+        batch_size: (image, caption) pairs per training batch (BFAN: 128).
+        eval_batch_size: images per evaluation batch, each with its ``captions_per_image`` captions.
+        **kwargs: the arguments of :class:`~updown.data.datamodules.CaptionFilesDataModule` (caption files,
+            features, splits, workers, synthetic world). COCO: train on Karpathy train + restval (SCAN's
+            113,287 images), score the 5000 images of Karpathy val / test (the 1K and 5K protocols).
     """
 
     def __init__(
         self,
-        features_h5path: str | list[str] | None = None,
-        captions_jsonpath: str | None = None,
-        vocabulary_path: str | None = None,
-        train_splits: list[str] | None = None,
-        val_split: str = "val",
-        test_split: str = "test",
-        batch_size: int = 128,
-        eval_batch_size: int = 100,
         captions_per_image: int = 5,
         max_caption_length: int = 64,
-        num_workers: int = 0,
-        in_memory: bool = False,
-        data_root: str | None = None,
-        synthetic: SyntheticSpec | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int = 100,
+        **kwargs,
     ) -> None:
         super().__init__(
-            features_h5path=features_h5path,
-            captions_jsonpath=captions_jsonpath,
-            vocabulary_path=vocabulary_path,
-            train_splits=train_splits,
-            val_split=val_split,
-            test_split=test_split,
+            max_caption_length=max_caption_length,
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
-            max_caption_length=max_caption_length,
-            num_workers=num_workers,
-            in_memory=in_memory,
-            data_root=data_root,
-            synthetic=synthetic,
+            **kwargs,
         )
-        # Again here, so the checkpoint's datamodule arguments include captions_per_image.
-        self.save_hyperparameters()
         if captions_per_image < 1:
             raise ValueError(f"data: captions_per_image={captions_per_image} must be at least 1 (COCO: 5).")
-        if max_caption_length < 1:
-            raise ValueError(f"data: max_caption_length={max_caption_length} must be at least 1.")
         self.captions_per_image = captions_per_image
 
-    def setup(self, stage: str | None = None) -> None:
-        self._resolve_paths()
-        if self.features is None:
-            self.features = RegionFeatures(self.features_h5path, in_memory=self.in_memory)
-        if stage in ("fit", None) and "train" not in self._datasets:
-            images = read_prepared_captions(self.captions_jsonpath, self.train_splits)
-            self.features.check_ids([i.image_id for i in images], self.captions_jsonpath)
-            self._datasets["train"] = RetrievalPairDataset(
-                self.features, images, self.vocabulary, self.captions_per_image, self.max_caption_length
-            )
-        # The parent adds the evaluation splits through evaluation_dataset (below); "train" exists already.
-        super().setup(stage)
+    def build_train_dataset(self, splits: list[str]) -> RetrievalPairDataset:
+        return RetrievalPairDataset(
+            self.features,
+            self.images(splits),
+            self.vocabulary,
+            self.captions_per_image,
+            self.max_caption_length,
+        )
 
-    def evaluation_dataset(self, split: str) -> RetrievalEvaluationDataset:
+    def build_dataset(self, split: str) -> RetrievalEvaluationDataset:
         """One item per image of ``split`` with its first ``captions_per_image`` captions."""
-        images = read_prepared_captions(self.captions_jsonpath, [split])
-        self.features.check_ids([i.image_id for i in images], self.captions_jsonpath)
         return RetrievalEvaluationDataset(
             self.features,
-            images,
+            self.images([split]),
             self.vocabulary,
             self.captions_per_image,
             self.max_caption_length,
@@ -230,7 +194,5 @@ class RetrievalDataModule(CaptioningDataModule):
         )
 
     def num_evaluation_images(self, split: str) -> int:
-        """Images scored on ``split`` (after :meth:`setup`); the 1K / 5K protocols need 5000."""
-        if split not in self._datasets:
-            self._datasets[split] = self.evaluation_dataset(split)
-        return len(self._datasets[split])
+        """Images scored on ``split``; the 1K / 5K protocols need 5000."""
+        return len(self.dataset(split))

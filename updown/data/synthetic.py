@@ -1,4 +1,4 @@
-"""The embedded synthetic world (DESIGN 4), written in the real file formats.
+"""The embedded synthetic world (docs/design.md, section 4), written in the real file formats.
 
 Real COCO features cannot ship with the code, so every command defaults to a world generated here from a
 seed: region features in our HDF5 layout (optionally also the original bottom-up TSV, so the converter path
@@ -362,7 +362,9 @@ def _write_cider_document_frequencies(images, captions_dir: Path) -> None:
 
     references = {image.image_id: image.tokens for image in images if image.split == "train"}
     for eos_as_word, name in ((False, "cider_df.json"), (True, "cider_df_eos.json")):
-        CiderD.from_references(references, eos_as_word=eos_as_word, cache_references=False).save(captions_dir / name)
+        CiderD.from_references(references, eos_as_word=eos_as_word, cache_references=False).save(
+            captions_dir / name
+        )
 
 
 def default_data_root() -> Path:

@@ -1,4 +1,4 @@
-"""Scenes, captions and questions of the synthetic world (DESIGN 4), as plain Python objects.
+"""Scenes, captions and questions of the synthetic world (docs/design.md, section 4), as plain objects.
 
 This module decides *what* is in each synthetic image and what people say about it; :mod:`updown.data.synthetic`
 turns scenes into region features and writes them in the real file formats. Everything is drawn from one

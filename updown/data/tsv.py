@@ -1,7 +1,7 @@
 """Read and write the two TSV layouts in which bottom-up region features are published.
 
 Both layouts hold one image per tab-separated row, with arrays stored as base64 of raw little-endian
-buffers (see ``../shared/realdata/README.md``):
+buffers (docs/data.md, 'Converting bottom-up TSV files'):
 
 - ``original`` (peteanderson80/bottom-up-attention ``tools/generate_tsv.py``): :data:`ORIGINAL_FIELDS`.
   Some published files lost the base64 ``=`` padding; :func:`decode_base64_array` restores it.

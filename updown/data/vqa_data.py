@@ -13,16 +13,16 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from updown.data.base import DataSpec, RegionDataModule
 from updown.data.datasets import _batch_tensor, collate_regions, pad_sequences
 from updown.data.readers import RegionFeature, RegionFeatures
-from updown.data.samplers import ResumableTrainingOrder
-from updown.data.synthetic import SPLITS, SyntheticSpec, SyntheticWorld, ensure_synthetic_world
+from updown.data.synthetic import SPLITS, SyntheticWorld
 from updown.data.vocabulary import AnswerVocabulary, Vocabulary
 from updown.data.vqa_preparation import VQAQuestion, prepare_vqa, read_prepared_questions
+from updown.types import VQABatch
 
 
 class VQADataset(Dataset):
@@ -65,7 +65,7 @@ class VQADataset(Dataset):
         question = self.questions[index]
         return self.features[question.image_id], question, self.tokens[index]
 
-    def collate(self, items) -> dict:
+    def collate(self, items) -> VQABatch:
         """Batch questions into a :class:`~updown.types.VQABatch`.
 
         Returns:
@@ -118,74 +118,39 @@ def ensure_synthetic_vqa(world: SyntheticWorld) -> Path:
     return target
 
 
-class VQADataModule(ResumableTrainingOrder, pl.LightningDataModule):
-    """VQA v2 questions with bottom-up region features.
+class VQADataModule(RegionDataModule):
+    """VQA v2 questions with bottom-up region features: one item per question.
 
     Args:
-        features_h5path: region-feature HDF5 file(s) holding every image of the splits used. None: the
-            synthetic world.
         prepared_dir: folder written by tools/prepare_vqa.py (``questions_<split>.json``, vocabularies).
-        train_splits: splits trained on (``["train"]`` for val evaluation; ``["train", "val"]`` for test-dev).
-        val_split: split scored during training (needs annotations).
-        test_split: split scored by ``test`` / answered by prediction (test-dev needs no annotations).
         batch_size: training questions per batch (the reproduction: 512).
         eval_batch_size: questions per batch when evaluating.
-        num_workers: DataLoader worker processes (a machine setting).
-        in_memory: load all features into memory once (fast epochs, needs the RAM).
-        data_root: where the synthetic world is cached (default ``$UPDOWN_DATA`` or the user cache dir).
-        synthetic: parameters of the synthetic world, used when ``features_h5path`` is None.
+        **kwargs: the arguments of :class:`~updown.data.base.RegionDataModule` (features, splits, workers,
+            synthetic world); ``train_splits`` ``["train"]`` for val evaluation, ``["train", "val"]`` for
+            test-dev; ``val_split`` needs annotations; ``test_split`` test-dev needs none.
     """
 
     def __init__(
-        self,
-        features_h5path: str | list[str] | None = None,
-        prepared_dir: str | None = None,
-        train_splits: list[str] | None = None,
-        val_split: str = "val",
-        test_split: str = "test",
-        batch_size: int = 512,
-        eval_batch_size: int = 512,
-        num_workers: int = 0,
-        in_memory: bool = False,
-        data_root: str | None = None,
-        synthetic: SyntheticSpec | None = None,
+        self, prepared_dir: str | None = None, batch_size: int = 512, eval_batch_size: int = 512, **kwargs
     ) -> None:
-        super().__init__()
-        # Stored in checkpoints, so prediction and notebooks can find the data a checkpoint was trained on.
-        self.save_hyperparameters()
-        if (features_h5path is None) != (prepared_dir is None):
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, **kwargs)
+        if (self.features_h5path is None) != (prepared_dir is None):
             raise ValueError(
                 "data: give features_h5path and prepared_dir (from tools/prepare_vqa.py) together for real data, "
                 "or neither for the synthetic world."
             )
-        self.features_h5path, self.prepared_dir = features_h5path, prepared_dir
-        self.train_splits = train_splits or ["train"]
-        self.val_split, self.test_split = val_split, test_split
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.in_memory = num_workers, in_memory
-        self.data_root = data_root
-        # Checkpoints store the spec as a plain dict.
-        self.synthetic = SyntheticSpec(**synthetic) if isinstance(synthetic, dict) else synthetic
-        self.features: RegionFeatures | None = None
+        self.prepared_dir = prepared_dir
         self._question_vocabulary: Vocabulary | None = None
         self._answer_vocabulary: AnswerVocabulary | None = None
-        self._datasets: dict[str, VQADataset] = {}
 
-    def prepare_data(self) -> None:
-        # Runs on one process per node before setup(): generate and prepare the synthetic world once.
-        self._resolve_paths()
-
-    def _resolve_paths(self) -> None:
-        if self.features_h5path is None:
-            world = ensure_synthetic_world(self.synthetic or SyntheticSpec(), self.data_root)
-            self.prepared_dir = str(ensure_synthetic_vqa(world))
-            self.features_h5path = str(world.features_h5path)
+    def use_synthetic_world(self, world: SyntheticWorld) -> None:
+        self.prepared_dir = str(ensure_synthetic_vqa(world))
 
     @property
     def question_vocabulary(self) -> Vocabulary:
         """The question-word vocabulary (read on first use)."""
         if self._question_vocabulary is None:
-            self._resolve_paths()
+            self.resolve_paths()
             self._question_vocabulary = Vocabulary.from_file(
                 Path(self.prepared_dir) / "question_vocabulary.json"
             )
@@ -195,15 +160,24 @@ class VQADataModule(ResumableTrainingOrder, pl.LightningDataModule):
     def answer_vocabulary(self) -> AnswerVocabulary:
         """The answer classes (read on first use)."""
         if self._answer_vocabulary is None:
-            self._resolve_paths()
+            self.resolve_paths()
             self._answer_vocabulary = AnswerVocabulary.from_file(
                 Path(self.prepared_dir) / "answer_vocabulary.json"
             )
         return self._answer_vocabulary
 
+    def data_spec(self) -> DataSpec:
+        features = self.open_features()
+        return DataSpec(
+            features.feature_size,
+            features.grid_shape,
+            {"question": self.question_vocabulary.tokens, "answer": self.answer_vocabulary.answers},
+            source=f"the data ({self.prepared_dir})",
+        )
+
     def questions_jsonpath(self, split: str) -> Path:
         """Prepared questions of ``split``; also a valid official questions file for the evaluation."""
-        self._resolve_paths()
+        self.resolve_paths()
         return Path(self.prepared_dir) / f"questions_{split}.json"
 
     def annotations_jsonpath(self, split: str) -> Path | None:
@@ -212,62 +186,18 @@ class VQADataModule(ResumableTrainingOrder, pl.LightningDataModule):
         With :meth:`questions_jsonpath` this scores a results file:
         ``python -m updown.evaluate vqa --questions Q --annotations A --results R``.
         """
-        self._resolve_paths()
+        self.resolve_paths()
         path = Path(self.prepared_dir) / f"annotations_{split}.json"
         return path if path.is_file() else None
 
-    def dataset(self, split: str) -> VQADataset:
-        """The questions of one prepared split (built once)."""
-        if split not in self._datasets:
-            self._resolve_paths()
-            if self.features is None:
-                self.features = RegionFeatures(self.features_h5path, in_memory=self.in_memory)
-            path = self.questions_jsonpath(split)
-            questions = read_prepared_questions(path)
-            self.features.check_ids(sorted({q.image_id for q in questions}), str(path))
-            self._datasets[split] = VQADataset(
-                self.features, questions, self.question_vocabulary, self.answer_vocabulary
-            )
-        return self._datasets[split]
+    def build_dataset(self, split: str) -> VQADataset:
+        """The questions of one prepared split."""
+        path = self.questions_jsonpath(split)
+        questions = read_prepared_questions(path)
+        self.features.check_ids(sorted({q.image_id for q in questions}), str(path))
+        return VQADataset(self.features, questions, self.question_vocabulary, self.answer_vocabulary)
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in ("fit", None):
-            self.train_dataset()
-        if stage in ("fit", "validate", None):
-            self.dataset(self.val_split)
-        if stage in ("test", "predict", None):
-            self.dataset(self.test_split)
-
-    def _loader(self, dataset: VQADataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=dataset.collate,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataset(self) -> VQADataset:
-        """The questions of all ``train_splits`` as one dataset (built once)."""
-        key = "+".join(self.train_splits)
-        if key not in self._datasets:
-            parts = [self.dataset(split) for split in self.train_splits]
-            questions = [question for part in parts for question in part.questions]
-            self._datasets[key] = VQADataset(
-                self.features, questions, self.question_vocabulary, self.answer_vocabulary
-            )
-        return self._datasets[key]
-
-    def train_dataloader(self) -> DataLoader:
-        # Shuffled by (seed, epoch), so a run resumed mid-epoch sees exactly the batches the epoch had left.
-        return self.shuffled_train_loader(self.train_dataset())
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset(self.val_split), self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset(self.test_split), self.eval_batch_size, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+    def build_train_dataset(self, splits: list[str]) -> VQADataset:
+        """The questions of all ``splits`` as one dataset."""
+        questions = [question for split in splits for question in self.dataset(split).questions]
+        return VQADataset(self.features, questions, self.question_vocabulary, self.answer_vocabulary)

@@ -1,4 +1,6 @@
-"""Prepare VQA v2 data from the official JSON files (DESIGN 2.3); ``tools/prepare_vqa.py`` is its CLI.
+"""Prepare VQA v2 data from the official JSON files (docs/design.md, section 2.3).
+
+``tools/prepare_vqa.py`` is its CLI.
 
 Inputs per split: the official questions JSON and, except for test-dev / test-std, the annotations JSON.
 Outputs, in one folder:

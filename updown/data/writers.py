@@ -1,4 +1,4 @@
-"""Streaming writer for the region-feature HDF5 layout (DESIGN 2.1).
+"""Streaming writer for the region-feature HDF5 layout (docs/design.md, section 2.1).
 
 Converters and the synthetic world both write through :class:`RegionFeaturesWriter`, so there is one
 definition of the on-disk schema besides the reader's validation. Images are appended one at a time into
@@ -63,7 +63,9 @@ class RegionFeaturesWriter:
             raise ValueError(f"{h5path}: feature dtype must be float32 or float16, not {dtype!r}.")
         unknown = set(extras) - set(PER_BOX_EXTRAS)
         if unknown:
-            raise ValueError(f"{h5path}: unknown per-box datasets {sorted(unknown)}; known: {sorted(PER_BOX_EXTRAS)}.")
+            raise ValueError(
+                f"{h5path}: unknown per-box datasets {sorted(unknown)}; known: {sorted(PER_BOX_EXTRAS)}."
+            )
         self.h5path = Path(h5path)
         self.max_boxes = max_boxes
         self.feature_size = feature_size
@@ -83,7 +85,9 @@ class RegionFeaturesWriter:
         self._file = h5py.File(tmp_path, "w")
         f, n, d = self._file, self.max_boxes, self.feature_size
         f.create_dataset("image_id", shape=(0,), maxshape=(None,), dtype="int64", chunks=(1024,))
-        f.create_dataset("features", shape=(0, n, d), maxshape=(None, n, d), dtype=self.dtype, chunks=(1, n, d))
+        f.create_dataset(
+            "features", shape=(0, n, d), maxshape=(None, n, d), dtype=self.dtype, chunks=(1, n, d)
+        )
         f.create_dataset("boxes", shape=(0, n, 4), maxshape=(None, n, 4), dtype="float32", chunks=(1, n, 4))
         f.create_dataset("num_boxes", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1024,))
         f.create_dataset("image_w", shape=(0,), maxshape=(None,), dtype="float32", chunks=(1024,))
@@ -125,13 +129,17 @@ class RegionFeaturesWriter:
         boxes = np.asarray(boxes, dtype=np.float32)
         num_boxes = features.shape[0] if features.ndim == 2 else -1
         if features.ndim != 2 or features.shape[1] != self.feature_size:
-            raise ValueError(f"{where}: features have shape {features.shape}, expected (num_boxes, {self.feature_size}).")
+            raise ValueError(
+                f"{where}: features have shape {features.shape}, expected (num_boxes, {self.feature_size})."
+            )
         if not 1 <= num_boxes <= self.max_boxes:
             raise ValueError(f"{where}: {num_boxes} boxes, expected 1..{self.max_boxes}. Raise --max-boxes.")
         if boxes.shape != (num_boxes, 4):
             raise ValueError(f"{where}: boxes have shape {boxes.shape}, expected ({num_boxes}, 4).")
         if set(extras) != set(self.extras):
-            raise ValueError(f"{where}: got per-box datasets {sorted(extras)}, expected {sorted(self.extras)}.")
+            raise ValueError(
+                f"{where}: got per-box datasets {sorted(extras)}, expected {sorted(self.extras)}."
+            )
 
         f, i, n = self._file, self.num_images, self.max_boxes
         for name in ("image_id", "features", "boxes", "num_boxes", "image_w", "image_h", *self.extras):
@@ -162,7 +170,9 @@ class RegionFeaturesWriter:
         self._file.close()
         self._file = None
         if exc_type is None and self.num_images == 0:
-            exc = ValueError(f"{self.h5path}: no images were written; the input is empty. Check the input files.")
+            exc = ValueError(
+                f"{self.h5path}: no images were written; the input is empty. Check the input files."
+            )
             self._atomic.__exit__(type(exc), exc, None)
             raise exc
         self._atomic.__exit__(exc_type, exc, tb)

@@ -15,8 +15,12 @@ as the best positive ranks above it, so a collapsed model with constant scores g
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Literal, get_args
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # Rows of the similarity matrix handled at once, so that the 5K set (5000 x 25000) needs no
 # full-size boolean temporaries.
@@ -164,3 +168,103 @@ def coco_5k_metrics(
             f"{num_images}. Score the full Karpathy test split, or use retrieval_metrics for another set."
         )
     return retrieval_metrics(similarity, captions_per_image)
+
+
+Protocol = Literal["full", "1k", "5k"]
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+COCO_FOLD_SIZE, COCO_NUM_FOLDS = 1000, 5
+
+
+def check_protocol(protocol: str, num_images: int | None = None, split: str = "") -> None:
+    """Refuse an unknown protocol, or one that the ``num_images`` images of ``split`` cannot follow."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"model.protocol={protocol!r} is unknown; use one of {PROTOCOLS}.")
+    needed = COCO_FOLD_SIZE * COCO_NUM_FOLDS
+    if num_images is not None and protocol != "full" and num_images != needed:
+        raise ValueError(
+            f"model.protocol={protocol!r} needs the {needed} images of COCO's Karpathy test (or val) split, "
+            f"but split {split!r} has {num_images}. Use protocol: full for other splits."
+        )
+
+
+def protocol_metrics(
+    score: Callable[[slice, slice], torch.Tensor],
+    num_images: int,
+    protocol: str = "full",
+    captions_per_image: int = 5,
+    fold_size: int = COCO_FOLD_SIZE,
+    num_folds: int = COCO_NUM_FOLDS,
+) -> dict[str, float]:
+    """Recall metrics of ``num_images`` images under ``protocol``; ``score`` is asked only for needed blocks.
+
+    Args:
+        score: ``score(images, captions)`` returns the ``(n_images, n_captions)`` similarity block of the
+            image slice and the caption slice (captions in image order, ``captions_per_image`` each).
+        num_images: images in the set.
+        protocol: ``"full"``, ``"1k"`` (mean over ``num_folds`` folds of ``fold_size`` images) or ``"5k"``.
+        captions_per_image: captions per image.
+        fold_size, num_folds: the 1K folds (COCO: 1000 and 5).
+
+    Returns:
+        The keys of :func:`updown.metrics.retrieval.retrieval_metrics`.
+    """
+    if protocol == "full":
+        return retrieval_metrics(
+            score(slice(0, num_images), slice(0, num_images * captions_per_image)), captions_per_image
+        )
+    if protocol == "5k":
+        whole = score(slice(0, num_images), slice(0, num_images * captions_per_image))
+        return coco_5k_metrics(whole, captions_per_image, num_images=fold_size * num_folds)
+    if protocol != "1k" or num_images != fold_size * num_folds:
+        raise ValueError(
+            f"protocol_metrics: protocol={protocol!r} with {num_images} images; use 'full', '5k', or '1k' "
+            f"with {num_folds} folds of {fold_size} images."
+        )
+    folds = []
+    for fold in range(num_folds):
+        images = slice(fold * fold_size, (fold + 1) * fold_size)
+        captions = slice(images.start * captions_per_image, images.stop * captions_per_image)
+        folds.append(retrieval_metrics(score(images, captions), captions_per_image))
+    return {key: sum(fold[key] for fold in folds) / num_folds for key in folds[0]}
+
+
+def collect_embeddings(outputs: list[dict]) -> dict[str, torch.Tensor]:
+    """Concatenate per-batch embeddings in split order, one copy per image.
+
+    Args:
+        outputs: dicts with ``dataset_index (B,)``, ``image_embeddings (B, R_b, E)``, ``image_mask (B, R_b)``,
+            ``word_embeddings (B * k, T_b, E)`` and ``caption_mask (B * k, T_b)``, from any ranks; an image
+            may appear twice (distributed samplers repeat images to even out ranks).
+
+    Returns:
+        ``image_embeddings (N, R, E)``, ``image_mask (N, R)``, ``word_embeddings (N * k, T, E)`` and
+        ``caption_mask (N * k, T)``, padded to the largest R and T, images in ascending ``dataset_index``.
+    """
+    index = torch.cat([o["dataset_index"] for o in outputs])
+    images = _pad_cat([o["image_embeddings"] for o in outputs])
+    image_mask = _pad_cat([o["image_mask"] for o in outputs])
+    words = _pad_cat([o["word_embeddings"] for o in outputs])
+    caption_mask = _pad_cat([o["caption_mask"] for o in outputs])
+    captions_per_image = words.size(0) // index.numel()
+    row_of = {position: row for row, position in enumerate(index.tolist())}
+    # shape: (N,)
+    rows = torch.tensor([row_of[position] for position in sorted(row_of)], dtype=torch.long)
+    # shape: (N * k,) the captions of each kept image, in image order
+    caption_rows = (rows.unsqueeze(1) * captions_per_image + torch.arange(captions_per_image)).flatten()
+    return {
+        "image_embeddings": images[rows],
+        "image_mask": image_mask[rows],
+        "word_embeddings": words[caption_rows],
+        "caption_mask": caption_mask[caption_rows],
+    }
+
+
+def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0 after zero-padding dim 1 (regions or words) to the largest size."""
+    longest = max(t.size(1) for t in tensors)
+    padded = []
+    for tensor in tensors:
+        # F.pad lists (last dim left, right, ..., dim 1 left, right).
+        widths = [0, 0] * (tensor.dim() - 2) + [0, longest - tensor.size(1)]
+        padded.append(F.pad(tensor, widths))
+    return torch.cat(padded)

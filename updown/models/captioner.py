@@ -9,10 +9,43 @@ and then :meth:`step` once per token through the functions of :mod:`updown.decod
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from updown.config import Config, FeatureEncoderName
+from updown.modules.blocks import build_feature_encoder
 from updown.modules.updown_cell import UpDownCell
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionerConfig(Config):
+    """The captioner's hyper-parameters (the paper's sizes by default).
+
+    Args:
+        embedding_size: size of the word embedding ``W_e`` (1000 in the paper).
+        hidden_size: size of both LSTMs (1000 in the paper).
+        attention_size: size of the attention's projection space (512 in the paper).
+        dropout: dropout probability on ``h2_t`` before ``W_p`` (0 disables it; the Adam recipe uses 0.5).
+        feature_encoder: optional attention block applied to the region features first
+            (:func:`updown.modules.blocks.build_feature_encoder`).
+    """
+
+    embedding_size: int = 1000
+    hidden_size: int = 1000
+    attention_size: int = 512
+    dropout: float = 0.0
+    feature_encoder: FeatureEncoderName | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"CaptionerConfig: dropout must be in [0, 1), got {self.dropout}.")
+        if min(self.embedding_size, self.hidden_size, self.attention_size) < 1:
+            raise ValueError(
+                "CaptionerConfig: embedding_size, hidden_size and attention_size must be at least 1."
+            )
 
 
 class UpDownCaptioner(nn.Module):
@@ -21,32 +54,29 @@ class UpDownCaptioner(nn.Module):
     Args:
         vocabulary_size: ``V``, number of tokens including the special ones.
         image_feature_size: ``D``, size of one region feature (2048 for bottom-up features).
-        embedding_size: size of the word embedding ``W_e`` (1000 in the paper).
-        hidden_size: size of both LSTMs (1000 in the paper).
-        attention_size: size of the attention's projection space (512 in the paper).
-        dropout: dropout probability on ``h2_t`` before ``W_p`` (0 disables it).
+        config: the hyper-parameters (:class:`CaptionerConfig`).
         max_caption_length: default number of tokens (including ``<eos>``) decoding may generate.
         pad_index: id of ``<pad>``; its embedding stays zero.
         bos_index: id of ``<bos>``, the first input token.
         eos_index: id of ``<eos>``.
         unk_index: id of ``<unk>`` (kept so decoding can suppress it).
-        feature_encoder: optional module ``forward(features (B, R, D), mask (B, R)) -> (B, R, D)``
-            applied to the region features first (e.g. an SE or Non-local block).
+        grid_shape: ``(H, W)`` of grid features, for a 2-D ``config.feature_encoder``.
+        feature_encoder: a module ``forward(features (B, R, D), mask (B, R)) -> (B, R, D)`` used instead of
+            the one ``config.feature_encoder`` names.
     """
 
     def __init__(
         self,
         vocabulary_size: int,
         image_feature_size: int = 2048,
-        embedding_size: int = 1000,
-        hidden_size: int = 1000,
-        attention_size: int = 512,
-        dropout: float = 0.0,
+        config: CaptionerConfig = CaptionerConfig(),
+        *,
         max_caption_length: int = 20,
         pad_index: int = 0,
         bos_index: int = 2,
         eos_index: int = 3,
         unk_index: int = 1,
+        grid_shape: tuple[int, int] | None = None,
         feature_encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -62,12 +92,11 @@ class UpDownCaptioner(nn.Module):
                     f"UpDownCaptioner: {name}={index} is outside the vocabulary of size {vocabulary_size}; "
                     f"pass the ids of your vocabulary's special tokens."
                 )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"UpDownCaptioner: dropout must be in [0, 1), got {dropout}.")
         if max_caption_length < 1:
             raise ValueError(
                 f"UpDownCaptioner: max_caption_length must be at least 1, got {max_caption_length}."
             )
+        self.config = config
         self.vocabulary_size = vocabulary_size
         self.image_feature_size = image_feature_size
         self.max_caption_length = max_caption_length
@@ -78,11 +107,15 @@ class UpDownCaptioner(nn.Module):
             unk_index,
         )
 
-        self.feature_encoder = feature_encoder
-        self.embedding = nn.Embedding(vocabulary_size, embedding_size, padding_idx=pad_index)
-        self.cell = UpDownCell(image_feature_size, embedding_size, hidden_size, attention_size)
-        self.dropout = nn.Dropout(dropout)
-        self.output = nn.Linear(hidden_size, vocabulary_size)
+        self.feature_encoder = feature_encoder or build_feature_encoder(
+            config.feature_encoder, image_feature_size, grid_shape=grid_shape
+        )
+        self.embedding = nn.Embedding(vocabulary_size, config.embedding_size, padding_idx=pad_index)
+        self.cell = UpDownCell(
+            image_feature_size, config.embedding_size, config.hidden_size, config.attention_size
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(config.hidden_size, vocabulary_size)
 
     def _check_features(self, image_features: torch.Tensor, image_features_mask: torch.Tensor) -> None:
         if image_features.dim() != 3 or image_features.size(-1) != self.image_feature_size:

@@ -8,18 +8,55 @@ the square similarity matrix that :meth:`BFANRetrieval.forward` returns (diagona
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from updown.modules.focal import FOCAL_TYPES, bfan_similarity
+from updown.config import Config, FeatureEncoderName
+from updown.modules.blocks import build_feature_encoder
+from updown.modules.focal import FocalType, bfan_similarity
 
 
 def l2_normalize(tensor: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
     """Divide by the l2 norm plus ``eps`` (the reference code's l2norm), along ``dim``."""
     return tensor / (torch.linalg.vector_norm(tensor, dim=dim, keepdim=True) + eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class BFANConfig(Config):
+    """BFAN's hyper-parameters (the paper's by default).
+
+    Args:
+        word_embedding_size: size of the word embeddings (300).
+        joint_embedding_size: size of the joint space, also the GRU hidden size (1024).
+        num_gru_layers: number of stacked bidirectional GRU layers (1).
+        lambda_softmax: inverse temperature of the attention pre-assignment (20).
+        focal_type: ``"equal"`` (fragments above the mean weight are relevant, the paper's default) or
+            ``"prob"``.
+        feature_encoder: optional attention block applied to the region features before the projection.
+        similarity_chunk_size: images and captions per chunk when scoring large sets in
+            :meth:`BFANRetrieval.similarity`; memory grows as its square times regions times words.
+    """
+
+    word_embedding_size: int = 300
+    joint_embedding_size: int = 1024
+    num_gru_layers: int = 1
+    lambda_softmax: float = 20.0
+    focal_type: FocalType = "equal"
+    feature_encoder: FeatureEncoderName | None = None
+    similarity_chunk_size: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.similarity_chunk_size < 1:
+            raise ValueError(
+                f"BFANConfig: similarity_chunk_size={self.similarity_chunk_size} must be at least 1."
+            )
+        if min(self.word_embedding_size, self.joint_embedding_size, self.num_gru_layers) < 1:
+            raise ValueError("BFANConfig: embedding sizes and num_gru_layers must be at least 1.")
 
 
 class BFANRetrieval(nn.Module):
@@ -28,51 +65,41 @@ class BFANRetrieval(nn.Module):
     Args:
         vocabulary_size: number of tokens in the caption vocabulary.
         image_feature_size: size D of the region features (2048 for bottom-up features).
-        word_embedding_size: size of the word embeddings (the paper uses 300).
-        joint_embedding_size: size of the joint space, also the GRU hidden size (the paper uses 1024).
-        num_gru_layers: number of stacked bidirectional GRU layers (the paper uses 1).
-        lambda_softmax: inverse temperature of the attention pre-assignment (the paper uses 20).
-        focal_type: ``"equal"`` (fragments above the mean weight are relevant, the paper's default) or
-            ``"prob"``.
-        feature_encoder: optional module applied to ``(image_features, image_features_mask)`` before the
-            projection, e.g. from :func:`updown.modules.blocks.build_feature_encoder`; it must return
-            ``(B, R, image_feature_size)``.
-        similarity_chunk_size: images and captions per chunk when scoring large sets in
-            :meth:`similarity`; memory grows as its square times regions times words.
+        config: the hyper-parameters (:class:`BFANConfig`).
+        grid_shape: ``(H, W)`` of grid features, for a 2-D ``config.feature_encoder``.
+        feature_encoder: a module ``forward(features (B, R, D), mask (B, R)) -> (B, R, D)`` used instead of
+            the one ``config.feature_encoder`` names.
     """
 
     def __init__(
         self,
         vocabulary_size: int,
         image_feature_size: int = 2048,
-        word_embedding_size: int = 300,
-        joint_embedding_size: int = 1024,
-        num_gru_layers: int = 1,
-        lambda_softmax: float = 20.0,
-        focal_type: str = "equal",
+        config: BFANConfig = BFANConfig(),
+        *,
+        grid_shape: tuple[int, int] | None = None,
         feature_encoder: nn.Module | None = None,
-        similarity_chunk_size: int = 128,
     ) -> None:
         super().__init__()
-        if focal_type not in FOCAL_TYPES:
-            raise ValueError(
-                f"BFANRetrieval: focal_type={focal_type!r} is unknown; use one of {FOCAL_TYPES}."
-            )
-        if similarity_chunk_size < 1:
-            raise ValueError(
-                f"BFANRetrieval: similarity_chunk_size={similarity_chunk_size} must be at least 1."
-            )
+        self.config = config
+        joint_embedding_size, word_embedding_size = config.joint_embedding_size, config.word_embedding_size
         self.image_feature_size = image_feature_size
         self.joint_embedding_size = joint_embedding_size
-        self.lambda_softmax = lambda_softmax
-        self.focal_type = focal_type
-        self.similarity_chunk_size = similarity_chunk_size
-        self.feature_encoder = feature_encoder
+        self.lambda_softmax = config.lambda_softmax
+        self.focal_type = config.focal_type
+        self.similarity_chunk_size = config.similarity_chunk_size
+        self.feature_encoder = feature_encoder or build_feature_encoder(
+            config.feature_encoder, image_feature_size, grid_shape=grid_shape
+        )
 
         self.image_projection = nn.Linear(image_feature_size, joint_embedding_size)
         self.word_embedding = nn.Embedding(vocabulary_size, word_embedding_size)
         self.gru = nn.GRU(
-            word_embedding_size, joint_embedding_size, num_gru_layers, batch_first=True, bidirectional=True
+            word_embedding_size,
+            joint_embedding_size,
+            config.num_gru_layers,
+            batch_first=True,
+            bidirectional=True,
         )
         # The reference code's initialisation: Xavier-uniform projection, zero bias, U(-0.1, 0.1) words.
         bound = math.sqrt(6.0) / math.sqrt(image_feature_size + joint_embedding_size)

@@ -20,169 +20,66 @@ drops the image path altogether (the language-prior baseline).
 
 from __future__ import annotations
 
-import gzip
-import os
-from collections.abc import Sequence
-from pathlib import Path
+import dataclasses
+from typing import Literal
 
 import torch
 from torch import nn
 
+from updown.config import Config, FeatureEncoderName
+from updown.modules.attention import AttentionForm, GatedTanhAttention
+from updown.modules.blocks import build_feature_encoder
 from updown.modules.fusion import CrossAttentionFusion
-from updown.modules.gated_tanh import ACTIVATIONS, GatedTanh, linear_layer
+from updown.modules.gated_tanh import ACTIVATIONS, linear_layer
 
-FUSIONS = ("product", "cross_attention")
-FEATURE_NORMS = ("none", "layer")
+Fusion = Literal["product", "cross_attention"]
+FeatureNorm = Literal["none", "layer"]
+Activation = Literal["gated_tanh", "relu"]
 
 
-def load_glove(
-    glove_path: str | os.PathLike, tokens: Sequence[str], initial: torch.Tensor | None = None
-) -> tuple[torch.Tensor, int]:
-    """Read GloVe vectors for ``tokens`` from a GloVe text file (``word v_1 ... v_N`` per line; ``.gz`` ok).
-
-    Only lines whose word is one of ``tokens`` are parsed and validated, so a 2 GB file costs one pass of
-    string splitting. Words containing spaces (glove.840B has a few) are handled; a word2vec-style header
-    line (``count dim``) is skipped.
+@dataclasses.dataclass(frozen=True)
+class VQAConfig(Config):
+    """The VQA model's hyper-parameters (the paper's choices by default).
 
     Args:
-        glove_path: the text file, e.g. ``glove.6B.300d.txt``.
-        tokens: vocabulary in index order.
-        initial: optional ``(len(tokens), N)`` float tensor whose rows are kept for tokens not in the file
-            (default: zeros).
-
-    Returns:
-        ``(vectors, num_found)``: ``vectors`` ``(len(tokens), N)`` float32, and how many tokens were found.
-
-    Raises:
-        FileNotFoundError: ``glove_path`` does not exist.
-        ValueError: the file is empty or malformed, or ``initial`` has the wrong shape.
-    """
-    path = Path(glove_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: GloVe file not found. Download glove.6B.zip from https://nlp.stanford.edu/projects/glove/, "
-            "unzip it and pass glove.6B.300d.txt as glove_path, or set glove_path to None for random embeddings."
-        )
-    positions: dict[str, list[int]] = {}
-    for index, token in enumerate(tokens):
-        positions.setdefault(token, []).append(index)
-    vectors: dict[str, list[float]] = {}
-    dim = None
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as file:
-        for line_number, line in enumerate(file, start=1):
-            line = line.rstrip()
-            if not line:
-                continue
-            if dim is None:
-                fields = line.split(" ")
-                if line_number == 1 and len(fields) == 2 and all(field.isdigit() for field in fields):
-                    continue
-                dim = len(fields) - 1
-                if dim < 1:
-                    raise ValueError(
-                        f"{path}, line {line_number}: no vector after the word; expected a GloVe "
-                        "text file with one 'word v_1 ... v_N' per line."
-                    )
-            # Cheap test on the first field before splitting the whole line.
-            if line.partition(" ")[0] not in positions:
-                continue
-            fields = line.split(" ")
-            if len(fields) - 1 < dim:
-                raise ValueError(
-                    f"{path}, line {line_number}: {len(fields) - 1} values, but the first vector has {dim}; "
-                    "the file is truncated or not a GloVe text file."
-                )
-            word = " ".join(fields[: len(fields) - dim])
-            if word not in positions or word in vectors:
-                continue
-            try:
-                vectors[word] = [float(value) for value in fields[-dim:]]
-            except ValueError:
-                raise ValueError(
-                    f"{path}, line {line_number}: the vector of {word!r} holds a non-number; expected a GloVe "
-                    "text file with one 'word v_1 ... v_N' per line."
-                ) from None
-    if dim is None:
-        raise ValueError(f"{path}: the GloVe file is empty.")
-    if initial is None:
-        result = torch.zeros(len(tokens), dim)
-    elif initial.shape != (len(tokens), dim):
-        raise ValueError(
-            f"{path}: vectors have {dim} dimensions, but the embedding to initialise is "
-            f"{tuple(initial.shape)} for {len(tokens)} tokens; set embedding_size={dim}, or use the GloVe file "
-            f"of {initial.shape[-1]} dimensions (e.g. glove.6B.{initial.shape[-1]}d.txt)."
-        )
-    else:
-        result = initial.detach().to(torch.float32).clone()
-    num_found = 0
-    for word, vector in vectors.items():
-        result[positions[word]] = torch.tensor(vector)
-        num_found += len(positions[word])
-    return result, num_found
-
-
-ATTENTIONS = ("concat", "product")
-
-
-class GatedTanhAttention(nn.Module):
-    """Top-down attention over regions with a gated-tanh scorer, in one of two forms.
-
-    - ``"concat"`` (the paper, after Teney et al. 2018): ``a_i = w^T GT([v_i; q])``. The question enters the
-      scorer only additively, inside the non-linearity.
-    - ``"product"`` (hengyuan-hu/bottom-up-attention-vqa's ``NewAttention``, with gated tanh for its ReLU):
-      ``a_i = w^T (GT_v(v_i) * GT_q(q))``. The element-wise product makes each region's score a bilinear
-      function of region and question, so "which region answers *this* question" is learned in far fewer
-      updates; on the synthetic world the concat form had not learned to look at the named object after
-      8 epochs (see configs/vqa/synthetic.yaml).
-
-    Args:
-        image_feature_size: ``D``.
-        question_size: size of ``q``.
-        hidden_size: width of the gated-tanh layers.
-        dropout: dropout before the scalar projection ``w`` (0.2 in the reproduction).
-        weight_norm: weight-normalise every layer.
-        form: ``"concat"`` or ``"product"``.
-        layer: the non-linear layer class (:class:`GatedTanh`, the paper's, or ``ReLULayer``).
+        embedding_size: word embedding size (300, GloVe's).
+        hidden_size: GRU size and joint embedding size (512 in the paper, 1024 in the reproduction).
+        dropout: dropout in the attention scorer and the cross-attention fusion (0.2 in the reproduction).
+        classifier_dropout: dropout between the classifier's two layers (0.5 in the reproduction).
+        weight_norm: weight-normalise every linear layer, one scalar norm per matrix (as the reproduction).
+        fusion: ``"product"`` (the paper's top-down attention and product) or ``"cross_attention"``.
+        attention: the top-down attention's scorer with ``fusion="product"``: ``"concat"`` (the paper's
+            ``w^T GT([v_i; q])``) or ``"product"`` (the reproduction's ``w^T (GT(v_i) * GT(q))``).
+        activation: ``"gated_tanh"`` (the paper) or ``"relu"`` (the reproduction's ``FCNet``), for every
+            non-linear layer of the attention, the projections, the fusion and the classifier.
+        feature_norm: ``"none"`` (the paper) or ``"layer"``: LayerNorm on each region feature before anything
+            reads it. Bottom-up features are non-negative (ReLU-pooled), so every region shares a large
+            positive mean; under Adam(ax) the first updates move all weights of a layer coherently along
+            that mean, which pushes the bounded gated-tanh units of the image path into saturation, and the
+            model falls back on the language prior. Centring each feature avoids it (measured on the
+            synthetic world: see configs/vqa/synthetic.yaml).
+        num_heads: attention heads of the cross-attention fusion.
+        feature_encoder: optional attention block applied to the region features first.
     """
 
-    def __init__(
-        self,
-        image_feature_size: int,
-        question_size: int,
-        hidden_size: int,
-        dropout: float,
-        weight_norm: bool,
-        form: str = "concat",
-        layer: type[nn.Module] = GatedTanh,
-    ):
-        super().__init__()
-        if form not in ATTENTIONS:
-            raise ValueError(f"GatedTanhAttention: form={form!r} is not one of {ATTENTIONS}.")
-        self.form = form
-        if form == "concat":
-            self.scorer = layer(image_feature_size + question_size, hidden_size, weight_norm=weight_norm)
-        else:
-            self.image_scorer = layer(image_feature_size, hidden_size, weight_norm=weight_norm)
-            self.question_scorer = layer(question_size, hidden_size, weight_norm=weight_norm)
-        self.dropout = nn.Dropout(dropout)
-        self.score = linear_layer(hidden_size, 1, weight_norm)
+    embedding_size: int = 300
+    hidden_size: int = 512
+    dropout: float = 0.2
+    classifier_dropout: float = 0.5
+    weight_norm: bool = True
+    fusion: Fusion = "product"
+    attention: AttentionForm = "concat"
+    activation: Activation = "gated_tanh"
+    feature_norm: FeatureNorm = "none"
+    num_heads: int = 8
+    feature_encoder: FeatureEncoderName | None = None
 
-    def forward(
-        self, image_features: torch.Tensor, image_features_mask: torch.Tensor, question: torch.Tensor
-    ) -> torch.Tensor:
-        """Attention weights ``(B, R)`` over real boxes from features ``(B, R, D)``, mask ``(B, R)`` and
-        question ``(B, question_size)``. Padded boxes get exactly zero; an image with no real box gets
-        all zeros (no NaN)."""
-        if self.form == "concat":
-            # shape: (B, R, hidden_size)
-            joint = self.scorer(image_features, context=question)
-        else:
-            joint = self.image_scorer(image_features) * self.question_scorer(question).unsqueeze(1)
-        # shape: (B, R)
-        scores = self.score(self.dropout(joint)).squeeze(-1)
-        scores = scores.masked_fill(~image_features_mask, float("-inf"))
-        return torch.softmax(scores, dim=1).masked_fill(~image_features_mask, 0.0)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.classifier_dropout < 1.0):
+            raise ValueError("VQAConfig: dropout and classifier_dropout must be in [0, 1).")
+        if min(self.embedding_size, self.hidden_size, self.num_heads) < 1:
+            raise ValueError("VQAConfig: embedding_size, hidden_size and num_heads must be at least 1.")
 
 
 class UpDownVQA(nn.Module):
@@ -192,30 +89,14 @@ class UpDownVQA(nn.Module):
         vocabulary_size: number of question tokens, ``<pad>`` included.
         num_answers: size of the answer vocabulary (3129 on VQA v2).
         image_feature_size: size ``D`` of a region feature (2048 for bottom-up features).
-        embedding_size: word embedding size (300, GloVe's).
-        hidden_size: GRU size and joint embedding size (512 in the paper, 1024 in the reproduction).
-        dropout: dropout in the attention scorer and the cross-attention fusion.
-        classifier_dropout: dropout between the classifier's two layers (0.5 in the reproduction).
-        weight_norm: weight-normalise every linear layer, one scalar norm per matrix (as the reproduction).
-        fusion: ``"product"`` (the paper's top-down attention and product) or ``"cross_attention"``.
-        feature_norm: ``"none"`` (the paper) or ``"layer"``: LayerNorm on each region feature before anything
-            reads it. Bottom-up features are non-negative (ReLU-pooled), so every region shares a large
-            positive mean; under Adam(ax) the first updates move all weights of a layer coherently along
-            that mean, which pushes the bounded gated-tanh units of the image path into saturation, and the
-            model falls back on the language prior. Centring each feature avoids it (measured on the
-            synthetic world: see configs/vqa/synthetic.yaml).
-        activation: ``"gated_tanh"`` (the paper) or ``"relu"`` (the reproduction's ``FCNet``), for every
-            non-linear layer of the attention, the projections and the classifier.
-        attention: the top-down attention's scorer with ``fusion="product"``: ``"concat"`` (the paper's
-            ``w^T GT([v_i; q])``) or ``"product"`` (the reproduction's ``w^T (GT(v_i) * GT(q))``).
-        num_heads: attention heads of the cross-attention fusion.
-        question_only: no image path at all: ``logits = classifier(GatedTanh_q(q))``.
-        glove_path: optional GloVe text file to initialise the word embedding; words it lacks keep their
-            random initialisation. Needs ``vocabulary_tokens``.
-        vocabulary_tokens: the question vocabulary in index order (for GloVe look-up).
-        feature_encoder: optional module applied first as ``feature_encoder(image_features,
-            image_features_mask) -> (B, R, image_feature_size)`` (e.g. an SE or Non-local block).
+        config: the hyper-parameters (:class:`VQAConfig`).
+        question_only: no image path at all: ``logits = classifier(GatedTanh_q(q))`` (the language prior).
+        word_vectors: optional ``(vocabulary_size, embedding_size)`` initial word embedding (e.g. GloVe rows
+            from :func:`updown.data.glove.load_glove`); the ``<pad>`` row is zeroed.
         pad_index: index of ``<pad>``; its embedding stays zero.
+        grid_shape: ``(H, W)`` of grid features, for a 2-D ``config.feature_encoder``.
+        feature_encoder: a module ``forward(features (B, R, D), mask (B, R)) -> (B, R, D)`` used instead of
+            the one ``config.feature_encoder`` names.
     """
 
     def __init__(
@@ -223,82 +104,80 @@ class UpDownVQA(nn.Module):
         vocabulary_size: int,
         num_answers: int,
         image_feature_size: int = 2048,
-        embedding_size: int = 300,
-        hidden_size: int = 512,
-        dropout: float = 0.2,
-        classifier_dropout: float = 0.5,
-        weight_norm: bool = True,
-        fusion: str = "product",
-        attention: str = "concat",
-        feature_norm: str = "none",
-        activation: str = "gated_tanh",
-        num_heads: int = 8,
+        config: VQAConfig = VQAConfig(),
+        *,
         question_only: bool = False,
-        glove_path: str | None = None,
-        vocabulary_tokens: Sequence[str] | None = None,
-        feature_encoder: nn.Module | None = None,
+        word_vectors: torch.Tensor | None = None,
         pad_index: int = 0,
+        grid_shape: tuple[int, int] | None = None,
+        feature_encoder: nn.Module | None = None,
     ):
         super().__init__()
-        if fusion not in FUSIONS:
-            raise ValueError(f"UpDownVQA: fusion={fusion!r} is not one of {FUSIONS}.")
-        if attention not in ATTENTIONS:
-            raise ValueError(f"UpDownVQA: attention={attention!r} is not one of {ATTENTIONS}.")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"UpDownVQA: activation={activation!r} is not one of {tuple(ACTIVATIONS)}.")
-        layer = ACTIVATIONS[activation]
-        if feature_norm not in FEATURE_NORMS:
-            raise ValueError(f"UpDownVQA: feature_norm={feature_norm!r} is not one of {FEATURE_NORMS}.")
-        if question_only and feature_encoder is not None:
-            raise ValueError("UpDownVQA: question_only=True reads no image, so feature_encoder must be None.")
+        if question_only and (feature_encoder is not None or config.feature_encoder is not None):
+            raise ValueError("UpDownVQA: question_only=True reads no image, so it takes no feature_encoder.")
         if not 0 <= pad_index < vocabulary_size:
             raise ValueError(
                 f"UpDownVQA: pad_index={pad_index} must lie in [0, vocabulary_size={vocabulary_size})."
             )
-        self.fusion_name = fusion
+        self.config = config
+        self.fusion_name = config.fusion
         self.question_only = question_only
         self.pad_index = pad_index
+        layer = ACTIVATIONS[config.activation]
+        embedding_size, hidden_size, weight_norm = (
+            config.embedding_size,
+            config.hidden_size,
+            config.weight_norm,
+        )
+        dropout = config.dropout
 
         self.embedding = nn.Embedding(vocabulary_size, embedding_size, padding_idx=pad_index)
-        self.glove_words_found = 0
-        if glove_path is not None:
-            if vocabulary_tokens is None or len(vocabulary_tokens) != vocabulary_size:
-                given = None if vocabulary_tokens is None else len(vocabulary_tokens)
+        if word_vectors is not None:
+            if word_vectors.shape != self.embedding.weight.shape:
                 raise ValueError(
-                    f"UpDownVQA: glove_path={glove_path!r} needs vocabulary_tokens, the {vocabulary_size} question "
-                    f"tokens in index order (got {given}); pass the question vocabulary's tokens."
+                    f"UpDownVQA: word_vectors are {tuple(word_vectors.shape)}, the embedding is "
+                    f"{tuple(self.embedding.weight.shape)}; set embedding_size to the vectors' size."
                 )
-            vectors, self.glove_words_found = load_glove(glove_path, vocabulary_tokens, self.embedding.weight)
             with torch.no_grad():
-                self.embedding.weight.copy_(vectors)
+                self.embedding.weight.copy_(word_vectors)
                 self.embedding.weight[pad_index].zero_()
         self.gru = nn.GRU(embedding_size, hidden_size, num_layers=1, batch_first=True)
 
         self.feature_norm = (
-            nn.LayerNorm(image_feature_size) if feature_norm == "layer" and not question_only else None
+            nn.LayerNorm(image_feature_size) if config.feature_norm == "layer" and not question_only else None
         )
         self.feature_encoder = feature_encoder
-        if question_only or fusion == "product":
+        if self.feature_encoder is None and not question_only:
+            self.feature_encoder = build_feature_encoder(
+                config.feature_encoder, image_feature_size, grid_shape=grid_shape
+            )
+        if question_only or config.fusion == "product":
             self.question_projection = layer(hidden_size, hidden_size, weight_norm=weight_norm)
-        if not question_only and fusion == "product":
+        if not question_only and config.fusion == "product":
             self.attention = GatedTanhAttention(
                 image_feature_size,
                 hidden_size,
                 hidden_size,
                 dropout,
                 weight_norm,
-                form=attention,
+                form=config.attention,
                 layer=layer,
             )
             self.image_projection = layer(image_feature_size, hidden_size, weight_norm=weight_norm)
         elif not question_only:
             # The fusion projects the question tokens itself.
             self.fusion = CrossAttentionFusion(
-                hidden_size, image_feature_size, hidden_size, num_heads, dropout, weight_norm, layer=layer
+                hidden_size,
+                image_feature_size,
+                hidden_size,
+                config.num_heads,
+                dropout,
+                weight_norm,
+                layer=layer,
             )
         self.classifier = nn.Sequential(
             layer(hidden_size, 2 * hidden_size, weight_norm=weight_norm),
-            nn.Dropout(classifier_dropout),
+            nn.Dropout(config.classifier_dropout),
             linear_layer(2 * hidden_size, num_answers, weight_norm),
         )
 

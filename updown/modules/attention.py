@@ -11,8 +11,15 @@ The paper's equations have no bias terms, so neither do these layers.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
+
+from updown.modules.gated_tanh import GatedTanh, linear_layer
+
+# The two forms of the VQA model's attention scorer (GatedTanhAttention).
+AttentionForm = Literal["concat", "product"]
 
 
 class TopDownAttention(nn.Module):
@@ -105,3 +112,61 @@ class TopDownAttention(nn.Module):
         # shape: (batch_size, image_feature_size)
         attended = torch.bmm(weights.unsqueeze(1), image_features).squeeze(1)
         return weights, attended
+
+
+class GatedTanhAttention(nn.Module):
+    """Top-down attention over regions with a gated-tanh scorer, in one of two forms.
+
+    - ``"concat"`` (the paper, after Teney et al. 2018): ``a_i = w^T GT([v_i; q])``. The question enters the
+      scorer only additively, inside the non-linearity.
+    - ``"product"`` (hengyuan-hu/bottom-up-attention-vqa's ``NewAttention``, with gated tanh for its ReLU):
+      ``a_i = w^T (GT_v(v_i) * GT_q(q))``. The element-wise product makes each region's score a bilinear
+      function of region and question, so "which region answers *this* question" is learned in far fewer
+      updates; on the synthetic world the concat form had not learned to look at the named object after
+      8 epochs (see configs/vqa/synthetic.yaml).
+
+    Args:
+        image_feature_size: ``D``.
+        question_size: size of ``q``.
+        hidden_size: width of the gated-tanh layers.
+        dropout: dropout before the scalar projection ``w`` (0.2 in the reproduction).
+        weight_norm: weight-normalise every layer.
+        form: ``"concat"`` or ``"product"``.
+        layer: the non-linear layer class (:class:`GatedTanh`, the paper's, or ``ReLULayer``).
+    """
+
+    def __init__(
+        self,
+        image_feature_size: int,
+        question_size: int,
+        hidden_size: int,
+        dropout: float,
+        weight_norm: bool,
+        form: AttentionForm = "concat",
+        layer: type[nn.Module] = GatedTanh,
+    ):
+        super().__init__()
+        self.form = form
+        if form == "concat":
+            self.scorer = layer(image_feature_size + question_size, hidden_size, weight_norm=weight_norm)
+        else:
+            self.image_scorer = layer(image_feature_size, hidden_size, weight_norm=weight_norm)
+            self.question_scorer = layer(question_size, hidden_size, weight_norm=weight_norm)
+        self.dropout = nn.Dropout(dropout)
+        self.score = linear_layer(hidden_size, 1, weight_norm)
+
+    def forward(
+        self, image_features: torch.Tensor, image_features_mask: torch.Tensor, question: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention weights ``(B, R)`` over real boxes from features ``(B, R, D)``, mask ``(B, R)`` and
+        question ``(B, question_size)``. Padded boxes get exactly zero; an image with no real box gets
+        all zeros (no NaN)."""
+        if self.form == "concat":
+            # shape: (B, R, hidden_size)
+            joint = self.scorer(image_features, context=question)
+        else:
+            joint = self.image_scorer(image_features) * self.question_scorer(question).unsqueeze(1)
+        # shape: (B, R)
+        scores = self.score(self.dropout(joint)).squeeze(-1)
+        scores = scores.masked_fill(~image_features_mask, float("-inf"))
+        return torch.softmax(scores, dim=1).masked_fill(~image_features_mask, 0.0)

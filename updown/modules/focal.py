@@ -19,10 +19,13 @@ real ones.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 
-FOCAL_TYPES = ("equal", "prob")
+FocalType = Literal["equal", "prob"]
+FOCAL_TYPES: tuple[str, ...] = get_args(FocalType)
 
 
 def _check_focal_type(focal_type: str) -> None:

@@ -1,57 +1,92 @@
-"""Optimiser and learning-rate schedule recipes shared by the tasks (config values, not code changes)."""
+"""The optimiser and learning-rate schedule of every task, declared once as :class:`OptimizerConfig`.
+
+In a config::
+
+    model:
+      init_args:
+        optimizer: {name: sgd, lr: 0.01, momentum: 0.9, weight_decay: 5.0e-4, schedule: linear}
+
+and on the command line ``--model.init_args.optimizer.lr 0.005``.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Literal
 
 import torch
 from torch import nn
 
-OPTIMIZERS = ("sgd", "adam", "adamax")
-SCHEDULES = ("constant", "linear", "step")
+from updown.config import Config
+
+OptimizerName = Literal["sgd", "adam", "adamax", "adadelta"]
+ScheduleName = Literal["constant", "linear", "step"]
 
 
-def build_optimizer(
-    parameters, name: str, learning_rate: float, momentum: float = 0.9, weight_decay: float = 0.0
-) -> torch.optim.Optimizer:
-    """``sgd`` (with momentum), ``adam`` or ``adamax``."""
-    if name == "sgd":
-        return torch.optim.SGD(parameters, lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay)
-    if name == "adamax":
-        return torch.optim.Adamax(parameters, lr=learning_rate, weight_decay=weight_decay)
-    raise ValueError(f"optimizer {name!r} is not known; use one of {OPTIMIZERS}.")
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig(Config):
+    """Optimiser and schedule.
 
-
-def build_schedule(
-    optimizer: torch.optim.Optimizer, name: str, total_steps: int, step_size: int = 3, gamma: float = 0.8
-) -> dict | None:
-    """A Lightning ``lr_scheduler`` config.
-
-    ``linear``: decays to 0 over ``total_steps`` optimiser steps (the paper's SGD recipe). ``step``: multiplies
-    by ``gamma`` every ``step_size`` epochs (the common Adam recipe). ``constant``: None.
+    Args:
+        name: ``sgd`` (with ``momentum``), ``adam``, ``adamax`` or ``adadelta``.
+        lr: initial learning rate.
+        momentum: SGD momentum (ignored by the others).
+        weight_decay: L2 weight decay.
+        schedule: ``constant``; ``linear`` (decays to 0 over ``total_steps`` optimiser steps, the paper's SGD
+            recipe); ``step`` (multiplies by ``gamma`` every ``step_size`` epochs, the common Adam recipe).
+        total_steps: steps of the ``linear`` decay; None: the whole training (Lightning's estimate).
+        step_size: epochs between decays for ``step``.
+        gamma: decay factor for ``step``.
     """
-    if name == "constant":
-        return None
-    if name == "linear":
-        total = max(int(total_steps), 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
-        return {"scheduler": scheduler, "interval": "step"}
-    if name == "step":
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
-        return {"scheduler": scheduler, "interval": "epoch"}
-    raise ValueError(f"lr_schedule {name!r} is not known; use one of {SCHEDULES}.")
+
+    name: OptimizerName = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: ScheduleName = "constant"
+    total_steps: int | None = None
+    step_size: int = 3
+    gamma: float = 0.8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(
+                f"OptimizerConfig: lr={self.lr} must be > 0, weight_decay={self.weight_decay} >= 0 and "
+                f"momentum={self.momentum} in [0, 1)."
+            )
+        if (self.total_steps is not None and self.total_steps < 1) or self.step_size < 1 or self.gamma <= 0:
+            raise ValueError(
+                f"OptimizerConfig: total_steps={self.total_steps} and step_size={self.step_size} must be at least 1 "
+                f"and gamma={self.gamma} > 0."
+            )
+
+    def build(self, parameters, estimated_total_steps: int) -> torch.optim.Optimizer | dict:
+        """What ``configure_optimizers`` returns: the optimiser, with its Lightning ``lr_scheduler`` config
+        unless the schedule is constant. ``estimated_total_steps``: the trainer's optimiser-step estimate."""
+        optimizer = build_optimizer(parameters, self)
+        if self.schedule == "constant":
+            return optimizer
+        if self.schedule == "linear":
+            total = max(int(self.total_steps or estimated_total_steps), 1)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: max(0.0, 1.0 - step / total)
+            )
+            schedule = {"scheduler": scheduler, "interval": "step"}
+        else:
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.step_size, gamma=self.gamma)
+            schedule = {"scheduler": scheduler, "interval": "epoch"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
-def configure_from_hparams(module) -> object:
-    """``configure_optimizers`` of every task: optimiser and schedule from the task's hyper-parameters
-    (``optimizer``, ``learning_rate``, ``momentum``, ``weight_decay``, ``lr_schedule``, ``lr_step_size``,
-    ``lr_gamma``)."""
-    h = module.hparams
-    optimizer = build_optimizer(module.parameters(), h.optimizer, h.learning_rate, h.momentum, h.weight_decay)
-    schedule = build_schedule(
-        optimizer, h.lr_schedule, module.trainer.estimated_stepping_batches, h.lr_step_size, h.lr_gamma
-    )
-    return optimizer if schedule is None else {"optimizer": optimizer, "lr_scheduler": schedule}
+def build_optimizer(parameters, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimiser ``config.name`` over ``parameters``."""
+    if config.name == "sgd":
+        return torch.optim.SGD(
+            parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    optimizers = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax, "adadelta": torch.optim.Adadelta}
+    return optimizers[config.name](parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -7,8 +7,9 @@ their baseline ``b``. Baselines: ``mean_of_others`` (the mean reward of the imag
 "new" SCST; default), ``greedy`` (the greedy decode's reward, Rennie et al.) or ``beam_mean`` (Anderson et
 al.: the ``k`` captions of a beam search are the samples and their mean reward is the baseline).
 
-Validation, scoring, checkpoint vocabulary handling and the optimiser recipes are the
-:class:`~updown.tasks.captioning.CaptioningTask`'s. Before the first step the task decodes the validation
+Validation, scoring, checkpoint vocabulary handling and the optimiser are the
+:class:`~updown.tasks.captioning.CaptioningTask`'s; the reward metrics live in :mod:`updown.metrics` (CIDEr-D,
+sentence BLEU), the baselines and the loss in :mod:`updown.losses`, the beam candidates in :mod:`updown.decoding`. Before the first step the task decodes the validation
 set once with the starting weights, so ``metrics.json`` records ``start/val/cider`` beside the final
 ``val/cider`` (a manual pass in ``on_train_start`` rather than Lightning's sanity check, which logs nothing
 and depends on ``num_sanity_val_steps``; a resumed run takes the starting scores from its checkpoint).
@@ -16,131 +17,28 @@ and depends on ``num_sanity_val_steps``; a resumed run takes the starting scores
 
 from __future__ import annotations
 
-from collections import Counter
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from updown.data.vocabulary import Vocabulary
-from updown.decoding import greedy_decode, reorder_state, repeat_state, sample_decode, state_batch_size
-from updown.losses import scst_loss
-from updown.metrics.cider import CiderD, ngram_counts
+from updown.config import check_choice
+from updown.data.base import DataSpec, check_vocabulary
+from updown.decoding import beam_candidates, greedy_decode, sample_decode
+from updown.losses import scst_loss, self_critical_baseline
+from updown.metrics.bleu import SentenceBleu
+from updown.metrics.cider import CiderD
 from updown.tasks.captioning import CaptioningTask
-from updown.tasks.distributed import gather_outputs
-from updown.tasks.vocabulary_model import check_vocabulary
+from updown.tasks.optim import OptimizerConfig
+from updown.types import CaptionTrainBatch
 
-BASELINES = ("mean_of_others", "greedy", "beam_mean")
+Baseline = Literal["mean_of_others", "greedy", "beam_mean"]
 
-
-class SentenceBleu:
-    """Per-sentence BLEU-4 exactly as pycocoevalcap's ``BleuScorer`` reports it (``option="closest"``).
-
-    Each order's precision gets pycocoevalcap's smoothing ``(correct + 1e-15) / (guess + 1e-9)`` and the
-    brevity penalty multiplies the geometric mean, with the reference length closest to the hypothesis'
-    (ties: the shorter). References are cooked once per image (clipped n-gram counts and lengths).
-    """
-
-    def __init__(self, n: int = 4) -> None:
-        self.n = n
-        self._images: dict[Any, tuple[Counter, np.ndarray]] = {}
-
-    def __contains__(self, key: Any) -> bool:
-        return key in self._images
-
-    def add_references(self, key: Any, references: list[list[str]]) -> None:
-        max_counts: Counter = Counter()
-        for reference in references:
-            max_counts |= ngram_counts(reference, self.n)
-        self._images[key] = (max_counts, np.array([len(r) for r in references], dtype=np.float64))
-
-    def score(self, hypotheses: list[list[str]], keys: list[Any]) -> np.ndarray:
-        """``(N,)`` BLEU-n of each hypothesis (word lists) against the references cached for its key."""
-        # shape: (N, n)
-        correct = np.zeros((len(hypotheses), self.n))
-        test_lengths = np.array([len(words) for words in hypotheses], dtype=np.float64)
-        ref_lengths = np.zeros(len(hypotheses))
-        for row, (words, key) in enumerate(zip(hypotheses, keys)):
-            max_counts, lengths = self._images[key]
-            for gram, count in ngram_counts(words, self.n).items():
-                correct[row, len(gram) - 1] += min(count, max_counts.get(gram, 0))
-            distance = np.abs(lengths - test_lengths[row])
-            ref_lengths[row] = lengths[distance == distance.min()].min()
-        guess = np.maximum(test_lengths[:, None] - np.arange(self.n), 0.0)
-        precision = np.prod((correct + 1e-15) / (guess + 1e-9), axis=1) ** (1.0 / self.n)
-        ratio = (test_lengths + 1e-15) / (ref_lengths + 1e-9)
-        with np.errstate(over="ignore"):
-            brevity = np.where(ratio < 1.0, np.exp(1.0 - 1.0 / ratio), 1.0)
-        return precision * brevity
-
-
-@torch.no_grad()
-def beam_candidates(step, state, *, beam_size: int, max_length: int, vocabulary: Vocabulary) -> torch.Tensor:
-    """All ``beam_size`` final hypotheses of a beam search (plain log-probability, ``<unk>`` suppressed).
-
-    Finished hypotheses keep their slot and continue with ``<pad>`` at no cost, as in
-    :func:`updown.decoding.beam_search`; the vocabulary must allow more than ``beam_size`` words so no slot
-    is ever a placeholder.
-
-    Returns:
-        ``(B * beam_size, max_length)`` int64 tokens after ``<bos>``, image-major, ``<eos>`` then ``<pad>``.
-    """
-    num_images = state_batch_size(state)
-    num_rows = num_images * beam_size
-    state = repeat_state(state, beam_size)
-    device = next(iter(state.values())).device
-    pad, eos = vocabulary.pad_index, vocabulary.eos_index
-    offsets = torch.arange(num_images, device=device).unsqueeze(1) * beam_size
-    tokens = torch.full((num_rows,), vocabulary.bos_index, dtype=torch.long, device=device)
-    # shape: (B, beam_size); only the first copy starts alive so the beam does not hold k equal hypotheses
-    sums = torch.full((num_images, beam_size), float("-inf"), device=device)
-    sums[:, 0] = 0.0
-    finished = torch.zeros(num_images, beam_size, dtype=torch.bool, device=device)
-    history = torch.zeros(num_rows, 0, dtype=torch.long, device=device)
-    for _ in range(max_length):
-        result = step(tokens, state)
-        logprobs, state = result[0].float(), result[1]
-        logprobs[:, [pad, vocabulary.bos_index, vocabulary.unk_index]] = float("-inf")
-        pad_only = torch.full_like(logprobs[0], float("-inf"))
-        pad_only[pad] = 0.0
-        # shape: (B, beam_size, V)
-        logprobs = torch.where(finished.view(num_rows, 1), pad_only, logprobs).view(num_images, beam_size, -1)
-        sums, chosen = (sums.unsqueeze(2) + logprobs).view(num_images, -1).topk(beam_size, dim=1)
-        beams, next_tokens = chosen // logprobs.size(2), chosen % logprobs.size(2)
-        finished = finished.gather(1, beams) | (next_tokens == eos)
-        rows = (beams + offsets).view(num_rows)
-        tokens = next_tokens.view(num_rows)
-        state = reorder_state(state, rows)
-        history = torch.cat([history.index_select(0, rows), tokens.unsqueeze(1)], dim=1)
-        if bool(finished.all()):
-            break
-    padding = history.new_full((num_rows, max_length - history.size(1)), pad)
-    return torch.cat([history, padding], dim=1)
-
-
-def self_critical_baseline(
-    reward: np.ndarray, kind: str, greedy_reward: np.ndarray | None = None
-) -> np.ndarray:
-    """The baseline of each sample.
-
-    Args:
-        reward: ``(B, k)`` rewards of the k samples of each image.
-        kind: "mean_of_others" (mean of the image's other k - 1 rewards), "beam_mean" (mean of all k) or
-            "greedy" (``greedy_reward`` of the image).
-        greedy_reward: ``(B,)`` rewards of the greedy captions, for "greedy".
-
-    Returns:
-        ``(B, k)`` baselines.
-    """
-    num_samples = reward.shape[1]
-    if kind == "mean_of_others":
-        return (reward.sum(axis=1, keepdims=True) - reward) / (num_samples - 1)
-    if kind == "beam_mean":
-        return np.repeat(reward.mean(axis=1, keepdims=True), num_samples, axis=1)
-    return np.repeat(greedy_reward[:, None], num_samples, axis=1)
+# self-critical.pytorch's SCST optimiser: Adam 5e-5, constant.
+SCST_ADAM = OptimizerConfig("adam", 5e-5)
 
 
 class SCSTCaptioningTask(CaptioningTask):
@@ -160,46 +58,26 @@ class SCSTCaptioningTask(CaptioningTask):
             None: the datamodule's ``cider_df_path(eos_as_word)`` (the synthetic world writes them).
         eos_as_word: count ``<eos>`` as a word in the reward (the paper's Caffe code did not).
         validate_at_start: decode the validation set before training to record ``start/val/*``.
-        embedding_size, hidden_size, attention_size, dropout, feature_encoder: as in the XE task; they must
-            match the ``init_weights`` checkpoint.
-        optimizer, learning_rate, momentum, weight_decay, lr_schedule, lr_step_size, lr_gamma: the SCST
-            optimiser (default: Adam 5e-5, constant).
-        beam_size, max_decoding_length, length_penalty, block_trigrams, spice, val_metrics: validation
-            decoding and scoring, as in the XE task; ``max_decoding_length`` also bounds the samples.
+        optimizer: the SCST optimiser (default: Adam 5e-5, constant).
+        **kwargs: the arguments of :class:`~updown.tasks.captioning.CaptioningTask` (``net`` must match the
+            ``init_weights`` checkpoint; ``decoding.max_length`` also bounds the samples).
     """
 
     def __init__(
         self,
         init_weights: str | None = None,
         num_samples: int = 5,
-        baseline: str = "mean_of_others",
+        baseline: Baseline = "mean_of_others",
         sample_temperature: float = 1.0,
         cider_weight: float = 1.0,
         bleu_weight: float = 0.0,
         cider_df_path: str | None = None,
         eos_as_word: bool = False,
         validate_at_start: bool = True,
-        embedding_size: int = 1000,
-        hidden_size: int = 1000,
-        attention_size: int = 512,
-        dropout: float = 0.0,
-        feature_encoder: str | None = None,
-        optimizer: str = "adam",
-        learning_rate: float = 5e-5,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        lr_schedule: str = "constant",
-        lr_step_size: int = 3,
-        lr_gamma: float = 0.8,
-        beam_size: int = 5,
-        max_decoding_length: int = 20,
-        length_penalty: float = 0.0,
-        block_trigrams: bool = False,
-        spice: str = "off",
-        val_metrics: tuple[str, ...] = ("Bleu", "METEOR", "ROUGE_L", "CIDEr"),
+        optimizer: OptimizerConfig = SCST_ADAM,
+        **kwargs,
     ) -> None:
-        if baseline not in BASELINES:
-            raise ValueError(f"model.init_args.baseline: {baseline!r} is not known; use one of {BASELINES}.")
+        check_choice("model.init_args.baseline", baseline, Baseline)
         if num_samples < 1 or (baseline == "mean_of_others" and num_samples < 2):
             raise ValueError(
                 f"model.init_args.num_samples={num_samples}: baseline {baseline!r} needs at least "
@@ -210,20 +88,15 @@ class SCSTCaptioningTask(CaptioningTask):
                 f"model.init_args: cider_weight={cider_weight} and bleu_weight={bleu_weight} must be >= 0 and "
                 "not both 0 (a negative weight would reward worse captions)."
             )
-        super().__init__(
-            embedding_size=embedding_size, hidden_size=hidden_size, attention_size=attention_size,
-            dropout=dropout, feature_encoder=feature_encoder, optimizer=optimizer, learning_rate=learning_rate,
-            momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule, lr_step_size=lr_step_size,
-            lr_gamma=lr_gamma, beam_size=beam_size, max_decoding_length=max_decoding_length,
-            length_penalty=length_penalty, block_trigrams=block_trigrams, spice=spice, val_metrics=val_metrics,
-        )  # fmt: skip
+        if sample_temperature <= 0:
+            raise ValueError(f"model.init_args.sample_temperature={sample_temperature} must be > 0.")
+        super().__init__(optimizer=optimizer, **kwargs)
         self.extra_metrics: dict[str, float] = {}
         self._resumed = False
         self._cider: CiderD | None = None
         self._bleu = SentenceBleu()
         self._train_references: dict[int, list[list[str]]] | None = None
         self._warned_no_signal = False
-        self._last_scores: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------ start of training
     def configure_model(self) -> None:
@@ -253,8 +126,7 @@ class SCSTCaptioningTask(CaptioningTask):
                     "model.init_args.init_weights is required: SCST starts from an XE checkpoint "
                     "(--model.init_args.init_weights XE.ckpt), or resume an SCST run with --ckpt_path."
                 )
-            vocabulary_path = getattr(self.trainer.datamodule, "vocabulary_path", None)
-            self.load_initial_weights(self.hparams.init_weights, str(vocabulary_path or "the data"))
+            self.load_initial_weights(self.hparams.init_weights, str(self.datamodule.vocabulary_path))
         self._cider = CiderD.load(self._cider_df_path(), eos_as_word=self.hparams.eos_as_word)
 
     def load_initial_weights(self, path: str, data_source: str = "the data") -> None:
@@ -270,27 +142,28 @@ class SCSTCaptioningTask(CaptioningTask):
             )
         # Lightning checkpoints pickle their hyper-parameters too; load only checkpoints you trust (as --ckpt_path).
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        if (
-            not isinstance(checkpoint, dict)
-            or "vocabulary" not in checkpoint
-            or "state_dict" not in checkpoint
-        ):
+        stored = (
+            DataSpec.from_checkpoint(checkpoint, f"init_weights {path}")
+            if isinstance(checkpoint, dict)
+            else None
+        )
+        if stored is None or "caption" not in stored.vocabularies or "state_dict" not in checkpoint:
             raise ValueError(
                 f"init_weights {path}: not a updown captioning checkpoint (no vocabulary or state_dict)."
             )
         check_vocabulary(
-            Vocabulary(checkpoint["vocabulary"]), self.vocabulary, f"init_weights {path}", data_source
+            "caption",
+            stored.vocabularies["caption"],
+            self.vocabulary.tokens,
+            f"init_weights {path}",
+            data_source,
         )
         state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
         try:
             self.model.load_state_dict(state)
         except RuntimeError as error:
             trained = checkpoint.get("hyper_parameters", {})
-            sizes = {
-                k: trained.get(k)
-                for k in ("embedding_size", "hidden_size", "attention_size", "feature_encoder")
-            }
-            sizes["image_feature_size"] = checkpoint.get("image_feature_size")
+            sizes = {"net": trained.get("net"), "image_feature_size": stored.image_feature_size}
             raise ValueError(
                 f"init_weights {path}: its weights do not fit this model ({str(error).splitlines()[0]}). The "
                 f"checkpoint was trained with {sizes}; set the same sizes (put the XE config first: "
@@ -300,9 +173,7 @@ class SCSTCaptioningTask(CaptioningTask):
     def _cider_df_path(self) -> str:
         path = self.hparams.cider_df_path
         if path is None:
-            if not hasattr(self.trainer.datamodule, "cider_df_path"):
-                raise ValueError("model.init_args.cider_df_path is required for this datamodule.")
-            path = self.trainer.datamodule.cider_df_path(self.hparams.eos_as_word)
+            path = self.datamodule.cider_df_path(self.hparams.eos_as_word)
         if not Path(path).is_file():
             raise FileNotFoundError(
                 f"model.init_args.cider_df_path {path}: CIDEr-D document frequencies not found. Build them with "
@@ -325,36 +196,25 @@ class SCSTCaptioningTask(CaptioningTask):
             for index, batch in enumerate(islice(loader, int(num_batches))):
                 self.validation_step(self.transfer_batch_to_device(batch, self.device, 0), index)
         self.train()
-        scores = self.score_outputs(gather_outputs(self._outputs))
-        self._outputs = []
+        outputs, self._outputs = self._outputs, []
+        scores = self.score_on_rank_zero(outputs, self.score_outputs)
         self.extra_metrics = {f"start/val/{key}": value for key, value in scores.items()}
         if "cider" in scores:
             self.print(f"SCST starts from val/cider {scores['cider']:.4f}")
 
-    def score_outputs(self, outputs: list[dict]) -> dict[str, float]:
-        self._last_scores = super().score_outputs(outputs)
-        return self._last_scores
-
     def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        start, final = self.extra_metrics.get("start/val/cider"), self._last_scores.get("cider")
-        if start and final is not None and not self.trainer.sanity_checking:
-            self.extra_metrics["gain/val/cider"] = final / start - 1.0
+        outputs, self._outputs = self._outputs, []
+        scores = self.score_on_rank_zero(outputs, self.score_outputs)
+        self.log_scores("val", scores)
+        start = self.extra_metrics.get("start/val/cider")
+        if start and "cider" in scores and not self.trainer.sanity_checking:
+            self.extra_metrics["gain/val/cider"] = scores["cider"] / start - 1.0
 
     # ------------------------------------------------------------------------------------------- training
     def _register_references(self, image_ids: list[int]) -> None:
         """Cache each new image's training references (prepared tokens, as the df file counts them)."""
         if self._train_references is None:
-            from updown.data.caption_preparation import read_prepared_captions
-
-            datamodule = self.trainer.datamodule
-            if not getattr(datamodule, "captions_jsonpath", None):
-                raise ValueError(
-                    f"SCST rewards captions against the prepared training references, but "
-                    f"{type(datamodule).__name__} has no captions_jsonpath; use a CaptioningDataModule."
-                )
-            images = read_prepared_captions(datamodule.captions_jsonpath, datamodule.train_splits)
-            self._train_references = {i.image_id: i.tokens for i in images}
+            self._train_references = self.datamodule.training_references()
         for image_id in image_ids:
             if image_id not in self._cider:
                 references = self._train_references.get(image_id)
@@ -383,7 +243,7 @@ class SCSTCaptioningTask(CaptioningTask):
             )
         return reward
 
-    def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+    def training_step(self, batch: CaptionTrainBatch, batch_index: int) -> torch.Tensor:
         h, vocabulary = self.hparams, self.vocabulary
         image_ids = batch["image_id"].tolist()
         self._register_references(image_ids)
@@ -398,7 +258,7 @@ class SCSTCaptioningTask(CaptioningTask):
             self.model.eval()
             state = self.model.init_state(features, mask)
             tokens = beam_candidates(
-                self.model.step, state, beam_size=k, max_length=h.max_decoding_length, vocabulary=vocabulary
+                self.model.step, state, beam_size=k, max_length=self.decoding.max_length, **specials
             )
             self.model.train()
             # shape: (B * k, T + 1) the hypotheses after <bos>, teacher-forced to get their log-probs with a graph
@@ -413,7 +273,7 @@ class SCSTCaptioningTask(CaptioningTask):
             state = self.model.init_state(features, mask)
             sample = sample_decode(
                 self.model.step, state, num_samples=k, temperature=h.sample_temperature,
-                max_length=h.max_decoding_length, **specials,
+                max_length=self.decoding.max_length, **specials,
             )  # fmt: skip
             tokens, token_logprobs, lengths = sample.tokens, sample.token_logprobs, sample.lengths
         # shape: (B, k)
@@ -434,9 +294,7 @@ class SCSTCaptioningTask(CaptioningTask):
         self.model.eval()
         with torch.no_grad():
             state = self.model.init_state(features, mask)
-            greedy = greedy_decode(
-                self.model.step, state, max_length=self.hparams.max_decoding_length, **specials
-            )
+            greedy = greedy_decode(self.model.step, state, max_length=self.decoding.max_length, **specials)
         self.model.train()
         return self.rewards(greedy.tokens, greedy.lengths, image_ids)
 

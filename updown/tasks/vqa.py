@@ -7,31 +7,39 @@ the 10 raw human answers exactly as the official GT-Vision-Lab evaluation does
 own loss and its own gradient clipping) trains on the same batches, so every run reports how much the image
 adds over the language prior (``val/question_only_accuracy``).
 
-As in :class:`~updown.tasks.captioning.CaptioningTask`, the model is built when the data is known
-(``configure_model``); both vocabularies are stored in every checkpoint, so a checkpoint rebuilds its model
-on its own, and a checkpoint trained with other vocabularies is refused with both named.
+The model life cycle, optimiser and checkpoints are :class:`~updown.tasks.base.Task`'s: both vocabularies are
+stored in every checkpoint, so a checkpoint rebuilds its model on its own, and a checkpoint trained with other
+vocabularies is refused with both named.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from updown.callbacks import checkpoint_callbacks
+from updown.config import check_choice
+from updown.data.base import DataSpec
+from updown.data.glove import load_glove
 from updown.data.vocabulary import AnswerVocabulary, Vocabulary
+from updown.data.vqa_data import VQADataModule
 from updown.losses import soft_score_bce
 from updown.metrics.distributed import MeanPerSample
 from updown.metrics.vqa_accuracy import VQAAccuracy
-from updown.models.vqa import UpDownVQA
+from updown.models.vqa import UpDownVQA, VQAConfig
+from updown.tasks.base import Task
 from updown.tasks.distributed import log_rank_identical
-from updown.tasks.optim import configure_from_hparams
-from updown.tasks.vocabulary_model import check_vocabulary, restored_checkpoint
+from updown.tasks.optim import OptimizerConfig
+from updown.types import VQABatch
+
+Normalization = Literal["official", "legacy"]
+
+# hengyuan-hu/bottom-up-attention-vqa's optimiser: Adamax 2e-3, constant.
+REPRODUCTION_ADAMAX = OptimizerConfig("adamax", 2e-3)
 
 
-class VQATask(pl.LightningModule):
+class VQATask(Task):
     """Train :class:`~updown.models.vqa.UpDownVQA` with soft-score BCE; validate with the official VQA accuracy.
 
     Logs ``train/loss``, ``train/soft_score`` (the reproduction's training score: soft target of the argmax
@@ -40,59 +48,31 @@ class VQATask(pl.LightningModule):
     ``val/question_only_accuracy`` and ``val/question_only_accuracy_<answer type>``.
 
     Args:
-        embedding_size: word embedding size (paper: 300, GloVe's).
-        hidden_size: GRU and joint embedding size (paper: 512; hengyuan-hu's reproduction: 1024).
-        dropout: dropout in the attention scorer (reproduction: 0.2).
-        classifier_dropout: dropout inside the classifier (reproduction: 0.5).
-        weight_norm: weight-normalise every linear layer (reproduction: yes).
-        fusion: ``"product"`` (the paper's top-down attention) or ``"cross_attention"``.
-        attention: the top-down attention's scorer: ``"concat"`` (the paper's ``w^T GT([v_i; q])``) or
-            ``"product"`` (the reproduction's ``w^T (f(v_i) * f(q))``).
-        activation: every non-linear layer: ``"gated_tanh"`` (the paper) or ``"relu"`` (the reproduction).
-        feature_norm: ``"none"`` (the paper) or ``"layer"`` (LayerNorm on each region feature first).
-        num_heads: heads of the cross-attention fusion.
+        net: the model's hyper-parameters (:class:`~updown.models.vqa.VQAConfig`).
+        optimizer: the reproduction's Adamax 2e-3 by default.
         glove_path: optional GloVe text file (e.g. glove.6B.300d.txt) to initialise the word embedding.
-        feature_encoder: optional attention block in front of the model: "se", "nonlocal", "gc", "cot".
-        optimizer: "adamax" (reproduction), "adam" or "sgd".
-        learning_rate: initial learning rate (Adamax's default 2e-3 in the reproduction).
-        momentum: SGD momentum.
-        weight_decay: L2 weight decay.
-        lr_schedule: "constant" (reproduction), "linear" (to 0 over training) or "step" (x ``lr_gamma`` every
-            ``lr_step_size`` epochs).
-        lr_step_size: epochs between decays for "step".
-        lr_gamma: decay factor for "step".
         question_only_baseline: also train a question-only model on the same batches and report its accuracy.
         normalization: answer normalisation of the metric: "official" (2021 rule) or "legacy" (pre-2021).
     """
 
+    datamodule_class = VQADataModule
+    datamodule_description = "a VQA datamodule (updown.data.vqa_data.VQADataModule)"
+    vocabulary_names = ("question", "answer")
+    checkpoint_kind = "VQA"
     monitor = "val/vqa_accuracy"
 
     def __init__(
         self,
-        embedding_size: int = 300,
-        hidden_size: int = 512,
-        dropout: float = 0.2,
-        classifier_dropout: float = 0.5,
-        weight_norm: bool = True,
-        fusion: str = "product",
-        attention: str = "concat",
-        activation: str = "gated_tanh",
-        feature_norm: str = "none",
-        num_heads: int = 8,
+        net: VQAConfig = VQAConfig(),
+        optimizer: OptimizerConfig = REPRODUCTION_ADAMAX,
         glove_path: str | None = None,
-        feature_encoder: str | None = None,
-        optimizer: str = "adamax",
-        learning_rate: float = 2e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        lr_schedule: str = "constant",
-        lr_step_size: int = 5,
-        lr_gamma: float = 0.5,
         question_only_baseline: bool = False,
-        normalization: str = "official",
+        normalization: Normalization = "official",
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer)
+        check_choice("model.init_args.normalization", normalization, Normalization)
         self.save_hyperparameters()
+        self.net_config = VQAConfig.coerce(net)
         self.model: UpDownVQA | None = None
         self.question_only_model: UpDownVQA | None = None
         self.question_vocabulary: Vocabulary | None = None
@@ -103,126 +83,45 @@ class VQATask(pl.LightningModule):
         self.val_question_only_accuracy = VQAAccuracy(normalization=normalization)
         # val/loss likewise: a per-question mean, not a per-rank mean of batch means.
         self.val_loss = MeanPerSample()
-        # Questions the last validation scored (every rank), DDP padding repeats removed.
-        self.validation_num_samples: int | None = None
 
-    # ----------------------------------------------------------------------------------------------- model
-    def build_model(
-        self,
-        question_vocabulary: Vocabulary,
-        answer_vocabulary: AnswerVocabulary,
-        image_feature_size: int,
-        grid_shape: tuple[int, int] | None = None,
-        glove_path: str | None = None,
-    ) -> None:
-        """Create the model (and the question-only baseline) for these vocabularies and feature size."""
-        from updown.modules.blocks import build_feature_encoder
-
-        h = self.hparams
-        self.question_vocabulary, self.answer_vocabulary = question_vocabulary, answer_vocabulary
-        self.image_feature_size, self.grid_shape = image_feature_size, grid_shape
+    def build_model(self, spec: DataSpec) -> None:
+        """The model, and the question-only baseline, for these vocabularies and feature size."""
+        self.question_vocabulary = Vocabulary(spec.vocabularies["question"])
+        self.answer_vocabulary = AnswerVocabulary(spec.vocabularies["answer"])
         common = dict(
-            vocabulary_size=len(question_vocabulary),
-            num_answers=len(answer_vocabulary),
-            image_feature_size=image_feature_size,
-            embedding_size=h.embedding_size,
-            hidden_size=h.hidden_size,
-            dropout=h.dropout,
-            classifier_dropout=h.classifier_dropout,
-            weight_norm=h.weight_norm,
-            activation=h.activation,
-            glove_path=glove_path,
-            vocabulary_tokens=question_vocabulary.tokens,
-            pad_index=question_vocabulary.pad_index,
+            vocabulary_size=len(self.question_vocabulary),
+            num_answers=len(self.answer_vocabulary),
+            image_feature_size=spec.image_feature_size,
+            pad_index=self.question_vocabulary.pad_index,
         )
-        self.model = UpDownVQA(
-            **common,
-            fusion=h.fusion,
-            attention=h.attention,
-            feature_norm=h.feature_norm,
-            num_heads=h.num_heads,
-            feature_encoder=build_feature_encoder(
-                h.feature_encoder, image_feature_size, grid_shape=grid_shape
-            ),
-        )
+        self.model = UpDownVQA(**common, config=self.net_config, grid_shape=spec.grid_shape)
         # Built second, so the main model's initialisation does not depend on whether the baseline exists.
         self.question_only_model = (
-            UpDownVQA(**common, question_only=True) if h.question_only_baseline else None
+            UpDownVQA(**common, config=self.net_config.replace(feature_encoder=None), question_only=True)
+            if self.hparams.question_only_baseline
+            else None
         )
 
-    def configure_model(self) -> None:
-        if self._trainer is None:
-            return  # load_from_checkpoint outside a Trainer: on_load_checkpoint builds from the checkpoint
-        datamodule = self.trainer.datamodule
-        if not hasattr(datamodule, "answer_vocabulary"):
-            raise ValueError(
-                f"{type(self).__name__} needs a VQA datamodule (updown.data.vqa_data.VQADataModule), got "
-                f"{type(datamodule).__name__}. Fix `data.class_path` in the config."
-            )
-        if datamodule.features is None:
-            datamodule.setup(self.trainer.state.fn.value)
-        question_vocabulary, answer_vocabulary = datamodule.question_vocabulary, datamodule.answer_vocabulary
-        if self.model is None:
-            features = datamodule.features
-            self.build_model(
-                question_vocabulary, answer_vocabulary, features.feature_size, features.grid_shape,
-                glove_path=self.hparams.glove_path,
-            )  # fmt: skip
-        else:
-            self.check_vocabularies(
-                question_vocabulary, answer_vocabulary, f"the data ({datamodule.prepared_dir})"
-            )
-
-    def check_vocabularies(
-        self, question_vocabulary: Vocabulary, answer_vocabulary: AnswerVocabulary, source: str
-    ) -> None:
-        """Refuse vocabularies other than the model's, naming both and the first difference."""
-        check_vocabulary(
-            self.question_vocabulary, question_vocabulary, "the model's question vocabulary", source
-        )
-        check_answer_vocabulary(self.answer_vocabulary, answer_vocabulary, "the model", source)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["question_vocabulary"] = self.question_vocabulary.tokens
-        checkpoint["answer_vocabulary"] = self.answer_vocabulary.answers
-        checkpoint["image_feature_size"] = self.image_feature_size
-        checkpoint["grid_shape"] = self.grid_shape
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "answer_vocabulary" not in checkpoint or "question_vocabulary" not in checkpoint:
-            raise ValueError(
-                f"{restored_checkpoint(self)} holds no VQA vocabularies: it was not written by a updown VQA "
-                "task. Pass the checkpoint of a VQA run."
-            )
-        question_vocabulary = Vocabulary(checkpoint["question_vocabulary"])
-        answer_vocabulary = AnswerVocabulary(checkpoint["answer_vocabulary"])
-        if self.model is None:
-            # No GloVe look-up: the checkpoint's weights replace the embedding anyway.
-            self.build_model(
-                question_vocabulary,
-                answer_vocabulary,
-                checkpoint["image_feature_size"],
-                checkpoint.get("grid_shape"),
-            )
-        else:
-            # Resuming onto a model built from the data: the checkpoint must use the data's vocabularies.
-            source = restored_checkpoint(self)
-            data = f"the data ({getattr(getattr(self._trainer, 'datamodule', None), 'prepared_dir', None)})"
-            check_vocabulary(
-                question_vocabulary, self.question_vocabulary, f"{source} (question vocabulary)", data
-            )
-            check_answer_vocabulary(answer_vocabulary, self.answer_vocabulary, source, data)
-
-    def configure_callbacks(self):
-        return checkpoint_callbacks(self.monitor, self._trainer)
+    def initialize_from_data(self) -> None:
+        """Initialise the word embeddings from GloVe (``glove_path``); words GloVe lacks keep their random rows."""
+        if self.hparams.glove_path is None:
+            return
+        for model in (self.model, self.question_only_model):
+            if model is not None:
+                vectors, _ = load_glove(
+                    self.hparams.glove_path, self.question_vocabulary.tokens, model.embedding.weight
+                )
+                with torch.no_grad():
+                    model.embedding.weight.copy_(vectors)
+                    model.embedding.weight[model.pad_index].zero_()
 
     # -------------------------------------------------------------------------------------------- training
-    def _logits(self, model: UpDownVQA, batch: dict) -> torch.Tensor:
+    def _logits(self, model: UpDownVQA, batch: VQABatch) -> torch.Tensor:
         inputs = (batch["image_features"], batch["image_features_mask"])
         # shape: (B, A)
         return model(*inputs, batch["question_tokens"], batch["question_lengths"])["logits"]
 
-    def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+    def training_step(self, batch: VQABatch, batch_index: int) -> torch.Tensor:
         batch_size = batch["question_tokens"].size(0)
         logits = self._logits(self.model, batch)
         loss = soft_score_bce(logits, batch["answer_scores"])
@@ -231,7 +130,8 @@ class VQATask(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/soft_score", 100 * soft_score.mean(), prog_bar=True, batch_size=batch_size)
         if self.question_only_model is not None:
-            # The models share no parameter, so the summed loss gives each exactly its own gradient.
+            # The models share no parameter, so the summed loss gives each exactly its own gradient, and
+            # Adamax / Adam / SGD update each parameter from its own gradient: the baseline cannot move the model.
             baseline_loss = soft_score_bce(
                 self._logits(self.question_only_model, batch), batch["answer_scores"]
             )
@@ -256,16 +156,12 @@ class VQATask(pl.LightningModule):
             else:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), gradient_clip_val)
 
-    def configure_optimizers(self):
-        # Adamax / Adam / SGD update each parameter from its own gradient: the baseline cannot move the model.
-        return configure_from_hparams(self)
-
     # ------------------------------------------------------------------------------------------- decoding
     def answers_of(self, logits: torch.Tensor) -> list[str]:
         """The answer string of each row's highest logit; ``logits`` is ``(B, A)``."""
         return [self.answer_vocabulary.answers[index] for index in logits.argmax(dim=1).tolist()]
 
-    def answer(self, batch: dict, question_only: bool = False) -> list[str]:
+    def answer(self, batch: VQABatch, question_only: bool = False) -> list[str]:
         """Predicted answer strings of a batch (argmax over the answer vocabulary)."""
         model = self.question_only_model if question_only else self.model
         if model is None:
@@ -274,7 +170,7 @@ class VQATask(pl.LightningModule):
             )
         return self.answers_of(self._logits(model, batch))
 
-    def validation_step(self, batch: dict, batch_index: int) -> None:
+    def validation_step(self, batch: VQABatch, batch_index: int) -> None:
         if any(len(answers) == 0 for answers in batch["answers"]):
             raise ValueError(
                 "Validation questions have no human answers: the val split must be annotated (train or val), "
@@ -308,30 +204,29 @@ class VQATask(pl.LightningModule):
         self.validation_num_samples = self.val_accuracy.num_questions
         log_rank_identical(self, values)
 
-    def predict_step(self, batch: dict, batch_index: int) -> list[dict[str, Any]]:
-        """Official results entries ``{"question_id": int, "answer": str}`` for a batch."""
-        answers = self.answer(batch)
-        return [{"question_id": int(q), "answer": a} for q, a in zip(batch["question_id"].tolist(), answers)]
+    def predict_step(self, batch: VQABatch, batch_index: int) -> dict[str, Any]:
+        """The answers of a batch, with what the prediction writer saves; one entry per question, on the CPU.
+
+        Returns:
+            ``question_id`` and ``image_id`` (B ints each), ``answer`` (B strings, the official results' field),
+            ``attention (B, R)`` float32 over the regions, ``num_boxes (B,)`` and ``boxes (B, R, 4)``.
+        """
+        output = self.model(
+            batch["image_features"],
+            batch["image_features_mask"],
+            batch["question_tokens"],
+            batch["question_lengths"],
+        )
+        return {
+            "question_id": batch["question_id"].tolist(),
+            "image_id": batch["image_id"].tolist(),
+            "answer": self.answers_of(output["logits"]),
+            "attention": output["attention"].float().cpu(),
+            "num_boxes": batch["image_features_mask"].sum(dim=1).cpu(),
+            "boxes": batch["image_boxes"].cpu(),
+        }
 
 
 def answer_type_key(answer_type: str) -> str:
     """A log-key suffix for an official answer type: ``"yes/no"`` -> ``"yes_no"``."""
     return answer_type.replace("/", "_").replace(" ", "_")
-
-
-def check_answer_vocabulary(
-    expected: AnswerVocabulary, actual: AnswerVocabulary, expected_source: str, actual_source: str
-) -> None:
-    """Refuse to combine a model and data whose answer classes differ, naming both."""
-    if expected.answers == actual.answers:
-        return
-    differing = next((i for i, (a, b) in enumerate(zip(expected.answers, actual.answers)) if a != b), None)
-    where = (
-        f"first difference at class {differing}: {expected.answers[differing]!r} vs {actual.answers[differing]!r}"
-        if differing is not None
-        else "one is a prefix of the other"
-    )
-    raise ValueError(
-        f"Answer vocabulary mismatch: {expected_source} has {len(expected)} answer classes, {actual_source} has "
-        f"{len(actual)} ({where}). Use the answer_vocabulary.json the checkpoint was trained with, or retrain."
-    )
