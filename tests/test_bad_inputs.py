@@ -2,8 +2,8 @@
 
 Each case makes one bad input in ``tmp_path``, runs a real entry point (``updown.fit``, ``updown.evaluate``,
 ``updown.predict`` or a ``tools/`` script) in-process through its ``main(argv)``, and checks the contract of
-DESIGN 9: a non-zero exit code, exactly one ``error:`` line on stderr naming the file, the problem and the fix,
-no traceback (unless ``--debug``), and no output file left behind. The README's "Troubleshooting" section is
+docs/design.md, section 9: a non-zero exit code, exactly one ``error:`` line on stderr naming the file, the problem and the fix,
+no traceback (unless ``--debug``), and no output file left behind. docs/troubleshooting.md is
 built from this table; keep them in step.
 """
 

@@ -338,4 +338,12 @@ def test_the_synthetic_default_writes_last_ckpt_only_after_validation(capsys):
         main(["--print_config"])
     printed = capsys.readouterr().out
     assert "last_checkpoint:\n  every_n_train_steps: null" in printed
-    assert TINY_SPEC.num_train == STEPS_PER_EPOCH * 10  # the resume tests' arithmetic
+
+
+def test_the_resume_tests_arithmetic_matches_the_training_loader(tiny_world):
+    """The kill points above assume STEPS_PER_EPOCH batches per epoch: count them in the real loader."""
+    from updown.data.datamodules import CaptioningDataModule
+
+    datamodule = CaptioningDataModule(batch_size=10, data_root=str(tiny_world.root.parent), synthetic=TINY_SPEC)
+    datamodule.setup("fit")
+    assert len(datamodule.train_dataloader()) == STEPS_PER_EPOCH

@@ -39,7 +39,7 @@ def test_captioning_default_beats_human_consensus_then_scst_adds_5_percent(tmp_p
     metrics = _fit(tmp_path, monkeypatch)  # no --config: python -m updown.fit's default
     assert metrics["val/cider"] > metrics["val/human_cider"], metrics
     assert metrics["val/grounding"] >= 0.8, metrics
-    # Stage 2 as the README shows it: SCST from the XE run's best checkpoint.
+    # Stage 2 as docs/training.md shows it: SCST from the XE run's best checkpoint.
     captioning = ROOT / "configs" / "captioning"
     scst = _fit(
         tmp_path,

@@ -220,9 +220,21 @@ def test_predict_vqa_writes_official_results_and_attention(fitted_run, tmp_path)
         == 0
     )
     assert json.loads(scores.read_text()) == json.loads((tmp_path / "official.json").read_text())
+    # The answers of the model itself, in the split's order, one per question.
+    task = VQATask.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    data.setup("validate")
+    with torch.no_grad():
+        direct = [
+            {"question_id": q, "answer": a}
+            for batch in data.val_dataloader()
+            for q, a in zip(batch["question_id"].tolist(), task.answer(batch))
+        ]
+    assert results == direct
     with h5py.File(attention) as f:
         weights, num_boxes = f["attention"][()], f["num_boxes"][()]
         assert len(weights) == len(results)
+        assert f["question_id"][()].tolist() == [r["question_id"] for r in results]
+        assert [a.decode() if isinstance(a, bytes) else a for a in f["answers"][()]] == [r["answer"] for r in results]
         for row in range(len(weights)):
             np.testing.assert_allclose(weights[row, : num_boxes[row]].sum(), 1.0, atol=1e-5)
             assert np.all(weights[row, num_boxes[row] :] == 0)

@@ -1,7 +1,13 @@
 """Count CIDEr-D document frequencies over training references, once, for the SCST reward.
 
-    python tools/build_cider_df.py --captions data/captions/captions.json --split train --split restval \\
-        --output data/captions/cider_df_train.json
+    python tools/build_cider_df.py --captions data/captions/captions.json                 # -> cider_df.json
+    python tools/build_cider_df.py --captions data/captions/captions.json --eos-as-word   # -> cider_df_eos.json
+
+By default it counts the Karpathy training images, train + restval (113,287 on COCO): what self-critical.pytorch's
+``prepro_ngrams.py --split train`` counts (its "train" includes restval). The output goes beside the captions as
+``cider_df.json`` (``cider_df_eos.json`` with ``--eos-as-word``), the file the SCST task reads when
+``model.init_args.cider_df_path`` is not set (``CaptioningDataModule.cider_df_path``), so the SCST configs need
+no path.
 
 Reads the prepared captions (``tools/prepare_captions.py``: ``{"images": [{"image_id", "split",
 "captions", "tokens"}]}``) and uses the ``tokens`` of the images in the given splits. For each 1..n-gram
@@ -23,6 +29,14 @@ from updown.cli import run_guarded  # noqa: E402
 from updown.data.caption_preparation import read_prepared_captions  # noqa: E402
 from updown.metrics.cider import CiderD  # noqa: E402
 
+# The Karpathy training images (self-critical.pytorch's "train" includes restval).
+TRAIN_SPLITS = ("train", "restval")
+
+
+def default_output(captions: str, eos_as_word: bool) -> Path:
+    """Where the SCST task looks for the document frequencies of these captions (see the module docstring)."""
+    return Path(captions).parent / ("cider_df_eos.json" if eos_as_word else "cider_df.json")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -30,9 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--captions", required=True, metavar="JSON", help="prepared captions.json")
     parser.add_argument(
-        "--split", action="append", required=True, help="split to count over (repeat: train, restval)"
+        "--split",
+        action="append",
+        help=f"split to count over, repeatable (default: {' and '.join(TRAIN_SPLITS)}, the training images)",
     )
-    parser.add_argument("--output", required=True, metavar="JSON", help="document-frequency file to write")
+    parser.add_argument(
+        "--output",
+        metavar="JSON",
+        help="document-frequency file to write (default: cider_df.json, or cider_df_eos.json with "
+        "--eos-as-word, beside --captions: where the SCST task looks)",
+    )
     parser.add_argument("--n", type=int, default=4, help="largest n-gram order (CIDEr-D: 4)")
     parser.add_argument("--eos-as-word", action="store_true", help="append <eos> to every reference first")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --output")
@@ -44,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
+        args.split = args.split or list(TRAIN_SPLITS)
+        if args.output is None:
+            args.output = str(default_output(args.captions, args.eos_as_word))
         if Path(args.output).exists() and not args.force:
             raise FileExistsError(f"{args.output}: output file exists. Pass --force to overwrite it.")
         if args.n < 1:

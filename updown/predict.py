@@ -25,21 +25,32 @@ File attribute ``vocabulary``: the JSON list of tokens.
 writes the official VQA results JSON ``[{"question_id": int, "answer": str}]``; ``--attention`` saves
 ``question_id (N,)``, ``image_id (N,)``, ``attention (N, R)``, ``num_boxes (N,)``, ``boxes (N, R, 4)``, ``questions``
 and ``answers`` (N strings each); ``--score`` scores an annotated split with the official metric.
+
+Decoding is ``Trainer.predict`` of the task's ``predict_step`` (the beam search of validation, ``--beam-size``
+overriding the checkpoint's), so it runs on the devices and precision training can use: ``--device cpu``,
+``cuda`` or ``cuda:N``, ``--devices 4`` (DDP, one process per device), ``--precision bf16-mixed``. The writers of
+:mod:`updown.prediction` gather every process's predictions, keep one per sample, in the split's order, and write
+one file each, atomically: an existing file is refused before decoding without ``--force``, and on any error
+none is replaced and no partial file is left.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import logging
+import re
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from updown.cli import run_guarded
-from updown.io import atomic_output, check_output_paths, write_json
+from updown.io import check_output_paths, write_json
 
 PROG = "python -m updown.predict"
 
@@ -56,57 +67,130 @@ def load_checkpoint(path: str) -> dict:
         ) from None
 
 
-def caption_datamodule(checkpoint: dict, args: argparse.Namespace):
-    """The checkpoint's caption datamodule, with paths overridden from the command line."""
-    from updown.data.datamodules import CaptioningDataModule, datamodule_from_checkpoint
+def check_checkpoint_kind(checkpoint: dict, path: str, task_class: type, fix: str) -> None:
+    """Refuse a checkpoint of another task (none of ``task_class``'s vocabularies stored), before loading it."""
+    from updown.data.base import DataSpec
 
-    return datamodule_from_checkpoint(
-        CaptioningDataModule, checkpoint, features_h5path=args.features, captions_jsonpath=args.captions,
-        vocabulary_path=args.vocabulary, eval_batch_size=args.batch_size, num_workers=args.num_workers,
-    )  # fmt: skip
+    spec = DataSpec.from_checkpoint(checkpoint, path)
+    if spec is None or not set(task_class.vocabulary_names) <= set(spec.vocabularies):
+        names = " and ".join(task_class.vocabulary_names)
+        raise ValueError(
+            f"{path}: not a {task_class.checkpoint_kind} checkpoint (no {names} vocabulary stored). {fix}"
+        )
+
+
+def check_checkpoint_data(task, datamodule, checkpoint_path: str) -> None:
+    """Refuse data whose vocabularies differ from the checkpoint's, naming the checkpoint file."""
+    spec = dataclasses.replace(task.data_spec, source=checkpoint_path)
+    spec.check_matches(datamodule.data_spec())
+
+
+def device_settings(device: str, devices: str | None) -> tuple[str, int | str | list[int]]:
+    """Lightning's ``(accelerator, devices)`` of ``--device`` and ``--devices``: ``cpu`` / ``cuda`` / ``gpu``
+    (``--devices`` of them, default 1), ``cuda:N`` (GPU N alone), or any accelerator name Lightning knows."""
+    match = re.fullmatch(r"(cuda|gpu):(\d+)", device)
+    if match:
+        if devices is not None:
+            raise ValueError(
+                f"--device {device} names one GPU; drop --devices {devices}, or pass --device cuda."
+            )
+        return "gpu", [int(match.group(2))]
+    accelerator = "gpu" if device == "cuda" else device
+    return accelerator, 1 if devices is None else devices
+
+
+def build_trainer(args: argparse.Namespace, writer):
+    """A Trainer on ``--device`` / ``--devices`` / ``--precision`` with the prediction ``writer``, no logger or
+    checkpoints; a rich progress bar on a terminal. More than one device runs DDP, one process per device."""
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+    from pytorch_lightning.callbacks import RichProgressBar
+
+    accelerator, devices = device_settings(args.device, args.devices)
+    progress = sys.stderr.isatty()
+    single = devices == 1 or (isinstance(devices, list) and len(devices) == 1)
+    try:
+        return pl.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            # DDP through re-launched processes, whose rank 0 is this process (it scores after predicting).
+            strategy="auto" if single else "ddp",
+            precision=args.precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+            callbacks=[writer, RichProgressBar()] if progress else [writer],
+        )
+    except (MisconfigurationException, ImportError) as error:
+        flags = f"--device {args.device}" + (f" --devices {args.devices}" if args.devices is not None else "")
+        raise ValueError(f"{flags}: {error}") from None
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's info lines (devices available, tips) and advice that does not apply here, silenced: the
+    command reports what it wrote itself."""
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        # The number of DataLoader workers is --num-workers, the user's choice.
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def load_task(args: argparse.Namespace, task_class: type, fix: str):
+    """The checkpoint dict and the ``task_class`` loaded from it (a checkpoint of another task is refused)."""
+    checkpoint = load_checkpoint(args.checkpoint)
+    check_checkpoint_kind(checkpoint, args.checkpoint, task_class, fix)
+    return checkpoint, task_class.load_from_checkpoint(args.checkpoint, map_location="cpu")
+
+
+def run_prediction(task, datamodule, args: argparse.Namespace, writer, what: tuple[str, str]) -> list | None:
+    """``Trainer.predict`` of the task's ``predict_step`` over ``--split``, written by ``writer``. Returns the
+    results on global rank 0, which reports the files written (``what``: results, attention), None elsewhere."""
+    with quiet_lightning():
+        trainer = build_trainer(args, writer)
+        trainer.predict(task, datamodule=datamodule, return_predictions=False)
+    if not trainer.is_global_zero:
+        return None
+    results = writer.results
+    print(f"{len(results)} {what[0]} of split '{args.split}' -> {args.output}", file=sys.stderr)
+    if args.attention:
+        print(f"{what[1]} -> {args.attention}", file=sys.stderr)
+    return results
 
 
 def predict_captions(args: argparse.Namespace) -> int:
-    from rich.progress import track
-    from torch.utils.data import DataLoader
-
+    from updown.data.datamodules import CaptioningDataModule, datamodule_from_checkpoint
+    from updown.prediction import CaptionWriter
     from updown.tasks.captioning import CaptioningTask
-    from updown.tasks.vocabulary_model import check_vocabulary
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    if "vocabulary" not in checkpoint:
-        raise ValueError(
-            f"{args.checkpoint}: not a captioning checkpoint (no vocabulary stored). "
-            "Pass the checkpoint of a captioning run (configs/captioning/...), or use `updown.predict vqa`."
-        )
-    task = CaptioningTask.load_from_checkpoint(args.checkpoint, map_location="cpu")
-    task.eval().to(args.device)
-    datamodule = caption_datamodule(checkpoint, args)
-    check_vocabulary(task.vocabulary, datamodule.vocabulary, args.checkpoint, str(datamodule.vocabulary_path))
-    datamodule.setup("predict")
-    dataset = datamodule.evaluation_dataset(args.split)
-    loader = DataLoader(
-        dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=dataset.collate
-    )
-    results, rows = [], []
-    with torch.no_grad():
-        for batch in track(loader, description=f"Decoding {args.split}", transient=True):
-            features = batch["image_features"].to(args.device)
-            mask = batch["image_features_mask"].to(args.device)
-            output = task.decode(
-                {"image_features": features, "image_features_mask": mask}, beam_size=args.beam_size
-            )
-            captions = task.captions_of(output.tokens)
-            for row, image_id in enumerate(batch["image_id"].tolist()):
-                results.append({"image_id": image_id, "caption": captions[row]})
-            if args.attention:
-                rows.append((batch, output, captions))
-    write_json(args.output, results, force=args.force)
-    print(f"{len(results)} captions of split '{args.split}' -> {args.output}", file=sys.stderr)
-    if args.attention:
-        write_caption_attention(args.attention, rows, task.vocabulary.tokens, force=args.force)
-        print(f"per-word attention -> {args.attention}", file=sys.stderr)
-    if args.score:
+    checkpoint, task = load_task(
+        args, CaptioningTask,
+        "Pass the checkpoint of a captioning run (configs/captioning/...), or use `updown.predict vqa`.",
+    )  # fmt: skip
+    if args.beam_size is not None:
+        if args.beam_size < 1:
+            raise ValueError(f"--beam-size {args.beam_size}: must be at least 1 (1 decodes greedily).")
+        task.decoding = task.decoding.replace(beam_size=args.beam_size)
+    datamodule = datamodule_from_checkpoint(
+        CaptioningDataModule, checkpoint, features_h5path=args.features, captions_jsonpath=args.captions,
+        vocabulary_path=args.vocabulary, test_split=args.split, eval_batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )  # fmt: skip
+    check_checkpoint_data(task, datamodule, args.checkpoint)
+    dataset = datamodule.dataset(args.split)
+    writer = CaptionWriter(args.output, task.vocabulary.tokens, attention=args.attention, force=args.force)
+    results = run_prediction(task, datamodule, args, writer, ("captions", "per-word attention"))
+    if results is not None and args.score:
         from updown.metrics.coco_caption import score_captions
 
         references = {image_id: refs for image_id, refs in zip(dataset.image_ids, dataset.references)}
@@ -118,96 +202,34 @@ def predict_captions(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_caption_attention(path: str, rows: list, vocabulary_tokens: list[str], force: bool = True) -> None:
-    """Per-word attention of decoded captions as HDF5 (layout in the module docstring), atomically."""
-    import h5py
-
-    max_boxes = max(batch["image_features_mask"].size(1) for batch, _, _ in rows)
-    max_length = max(output.tokens.size(1) for _, output, _ in rows)
-    total = sum(output.tokens.size(0) for _, output, _ in rows)
-    with atomic_output(path, force=force) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["vocabulary"] = json.dumps(vocabulary_tokens)
-        image_id = f.create_dataset("image_id", (total,), "int64")
-        tokens = f.create_dataset("tokens", (total, max_length), "int64")
-        lengths = f.create_dataset("lengths", (total,), "int64")
-        attention = f.create_dataset("attention", (total, max_length, max_boxes), "float32")
-        num_boxes = f.create_dataset("num_boxes", (total,), "int32")
-        boxes = f.create_dataset("boxes", (total, max_boxes, 4), "float32")
-        captions = f.create_dataset("captions", (total,), h5py.string_dtype())
-        start = 0
-        for batch, output, batch_captions in rows:
-            n, t, r = output.tokens.size(0), output.tokens.size(1), batch["image_features_mask"].size(1)
-            end = start + n
-            image_id[start:end] = batch["image_id"].numpy()
-            tokens[start:end, :t] = output.tokens.cpu().numpy()
-            lengths[start:end] = output.lengths.cpu().numpy()
-            if output.attention is not None:
-                attention[start:end, :t, :r] = output.attention.float().cpu().numpy()
-            num_boxes[start:end] = batch["image_features_mask"].sum(dim=1).numpy()
-            boxes[start:end, :r] = batch["image_boxes"].numpy()
-            captions[start:end] = np.array(batch_captions, dtype=object)
-            start = end
-
-
 def predict_vqa(args: argparse.Namespace) -> int:
-    from rich.progress import track
-    from torch.utils.data import DataLoader
-
-    from updown.data.datamodules import datamodule_from_checkpoint
+    from updown.data.base import datamodule_from_checkpoint
     from updown.data.vqa_data import VQADataModule
+    from updown.prediction import AnswerWriter
     from updown.tasks.vqa import VQATask
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    if "answer_vocabulary" not in checkpoint and "question_vocabulary" not in checkpoint:
-        raise ValueError(
-            f"{args.checkpoint}: not a VQA checkpoint (no vocabularies stored). "
-            "Pass the checkpoint of a VQA run (configs/vqa/...), or use `updown.predict captions`."
-        )
-    task = VQATask.load_from_checkpoint(args.checkpoint, map_location="cpu")
-    task.eval().to(args.device)
+    checkpoint, task = load_task(
+        args, VQATask, "Pass the checkpoint of a VQA run (configs/vqa/...), or use `updown.predict captions`."
+    )
     datamodule = datamodule_from_checkpoint(
         VQADataModule, checkpoint, features_h5path=args.features, prepared_dir=args.prepared,
-        eval_batch_size=args.batch_size, num_workers=args.num_workers,
+        test_split=args.split, eval_batch_size=args.batch_size, num_workers=args.num_workers,
     )  # fmt: skip
-    data = f"the data ({datamodule.prepared_dir})"
-    try:
-        task.check_vocabularies(datamodule.question_vocabulary, datamodule.answer_vocabulary, data)
-    except ValueError as error:
-        # The task calls itself "the model"; the user needs to know which file that is.
-        raise ValueError(f"{args.checkpoint}: {error}") from None
+    check_checkpoint_data(task, datamodule, args.checkpoint)
     dataset = datamodule.dataset(args.split)
-    loader = DataLoader(
-        dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=dataset.collate
-    )
-    results, rows = [], []
-    with torch.no_grad():
-        for batch in track(loader, description=f"Answering {args.split}", transient=True):
-            inputs = {
-                key: batch[key].to(args.device)
-                for key in ("image_features", "image_features_mask", "question_tokens", "question_lengths")
-            }
-            output = task.model(**inputs)
-            answers = task.answers_of(output["logits"])
-            results.extend(
-                {"question_id": q, "answer": a} for q, a in zip(batch["question_id"].tolist(), answers)
-            )
-            if args.attention:
-                rows.append((batch, output["attention"].float().cpu(), answers))
-    write_json(args.output, results, force=args.force)
-    print(f"{len(results)} answers of split '{args.split}' -> {args.output}", file=sys.stderr)
-    if args.attention:
-        questions = [q.question for q in dataset.questions]
-        write_question_attention(args.attention, rows, questions, force=args.force)
-        print(f"question attention -> {args.attention}", file=sys.stderr)
-    if args.score:
+    annotations = datamodule.annotations_jsonpath(args.split) if args.score else None
+    if args.score and annotations is None:
+        raise ValueError(
+            f"--score: split '{args.split}' has no annotations to score against; drop --score and submit "
+            f"{args.output} to the evaluation server."
+        )
+    questions = {q.question_id: q.question for q in dataset.questions}
+    writer = AnswerWriter(args.output, questions, attention=args.attention, force=args.force)
+    results = run_prediction(task, datamodule, args, writer, ("answers", "question attention"))
+    if results is not None and args.score:
         from updown.io import read_json
         from updown.metrics.vqa_accuracy import evaluate_vqa
 
-        annotations = datamodule.annotations_jsonpath(args.split)
-        if annotations is None:
-            raise ValueError(
-                f"--score: split '{args.split}' has no annotations; submit {args.output} to the server."
-            )
         questions = read_json(datamodule.questions_jsonpath(args.split), "VQA questions JSON")
         scores = evaluate_vqa(
             questions, read_json(annotations, "VQA annotations JSON"), results, task.hparams.normalization
@@ -215,35 +237,6 @@ def predict_vqa(args: argparse.Namespace) -> int:
         write_json(args.score, scores, force=args.force, indent=2)
         print(json.dumps({"overall": scores["overall"], "perAnswerType": scores["perAnswerType"]}, indent=2))
     return 0
-
-
-def write_question_attention(path: str, rows: list, questions: list[str], force: bool = True) -> None:
-    """Per-question attention as HDF5 (layout in the module docstring), atomically."""
-    import h5py
-
-    max_boxes = max(batch["image_features_mask"].size(1) for batch, _, _ in rows)
-    total = sum(len(answers) for _, _, answers in rows)
-    with atomic_output(path, force=force) as tmp, h5py.File(tmp, "w") as f:
-        datasets = {
-            "question_id": f.create_dataset("question_id", (total,), "int64"),
-            "image_id": f.create_dataset("image_id", (total,), "int64"),
-            "attention": f.create_dataset("attention", (total, max_boxes), "float32"),
-            "num_boxes": f.create_dataset("num_boxes", (total,), "int32"),
-            "boxes": f.create_dataset("boxes", (total, max_boxes, 4), "float32"),
-        }
-        answers_ds = f.create_dataset("answers", (total,), h5py.string_dtype())
-        questions_ds = f.create_dataset("questions", (total,), h5py.string_dtype())
-        start = 0
-        for batch, attention, answers in rows:
-            end, r = start + len(answers), attention.size(1)
-            datasets["question_id"][start:end] = batch["question_id"].numpy()
-            datasets["image_id"][start:end] = batch["image_id"].numpy()
-            datasets["attention"][start:end, :r] = attention.numpy()
-            datasets["num_boxes"][start:end] = batch["image_features_mask"].sum(dim=1).numpy()
-            datasets["boxes"][start:end, :r] = batch["image_boxes"].numpy()
-            answers_ds[start:end] = np.array(answers, dtype=object)
-            questions_ds[start:end] = np.array(questions[start:end], dtype=object)
-            start = end
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,7 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (captions, vqa):
         sub.add_argument("--batch-size", type=int, default=50, help="images per batch")
         sub.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        sub.add_argument(
+            "--device", default="cuda" if torch.cuda.is_available() else "cpu",
+            help="cpu, cuda (or gpu), cuda:N for GPU N alone, or another Lightning accelerator (default: cuda if any)",
+        )  # fmt: skip
+        sub.add_argument(
+            "--devices", help="devices of --device to use (default 1; N, 'auto', or a list like 0,1): more than one "
+            "runs DDP, one process per device, and still writes one file",
+        )  # fmt: skip
+        sub.add_argument(
+            "--precision", default="32-true", help="e.g. 32-true (default), bf16-mixed, 16-mixed"
+        )
         sub.add_argument("--force", action="store_true", help="overwrite existing output files")
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser

@@ -82,8 +82,8 @@ class CaptionFilesDataModule(RegionDataModule):
         return Path(self.captions_jsonpath).parent / f"references_{split}.json"
 
     def cider_df_path(self, eos_as_word: bool = False) -> Path:
-        """Where the synthetic world keeps the CIDEr-D document frequencies of its training references (real data:
-        write them with tools/build_cider_df.py and give the SCST task their path)."""
+        """The CIDEr-D document frequencies of the training references, beside the prepared captions: where the
+        synthetic world writes them and where ``tools/build_cider_df.py`` writes them for real data by default."""
         self.resolve_paths()
         return Path(self.captions_jsonpath).parent / ("cider_df_eos.json" if eos_as_word else "cider_df.json")
 

@@ -22,6 +22,20 @@ from updown.modules.gated_tanh import GatedTanh, linear_layer
 AttentionForm = Literal["concat", "product"]
 
 
+def check_mask(image_features: torch.Tensor, image_features_mask: torch.Tensor, owner: str) -> None:
+    """Refuse a mask that is not a bool ``(batch_size, num_boxes)`` tensor for ``image_features``."""
+    if image_features_mask.dtype != torch.bool:
+        raise ValueError(
+            f"{owner}: image_features_mask must be a bool tensor (True = real box), got "
+            f"{image_features_mask.dtype}; convert it with `.bool()`."
+        )
+    if image_features_mask.shape != image_features.shape[:2]:
+        raise ValueError(
+            f"{owner}: image_features_mask has shape {tuple(image_features_mask.shape)} but image_features has "
+            f"shape {tuple(image_features.shape)}; the mask must be (batch_size, num_boxes)."
+        )
+
+
 class TopDownAttention(nn.Module):
     """Additive attention whose weights sum to one over the real boxes of each image.
 
@@ -79,24 +93,16 @@ class TopDownAttention(nn.Module):
                 numbers (they are multiplied by an exact zero weight); the captioner zeroes them once.
             image_features_mask: ``(batch_size, num_boxes)`` bool, True for a real box.
             projected_features: optional ``(batch_size, num_boxes, attention_size)`` output of
-                :meth:`project_features` for these features, to skip recomputing it.
+                :meth:`project_features` for these features, to skip recomputing it. A decoder passes it at
+                every step after checking the features and mask once, so the check is skipped then.
 
         Returns:
             A pair ``(weights, attended)``: ``weights`` ``(batch_size, num_boxes)`` sums to one over the
             real boxes and is exactly zero on padded ones (all zero for an image without real boxes);
             ``attended`` ``(batch_size, image_feature_size)`` is the weighted sum of the features.
         """
-        if image_features_mask.dtype != torch.bool:
-            raise ValueError(
-                f"TopDownAttention: image_features_mask must be a bool tensor (True = real box), got "
-                f"{image_features_mask.dtype}; convert it with `.bool()`."
-            )
-        if image_features_mask.shape != image_features.shape[:2]:
-            raise ValueError(
-                f"TopDownAttention: image_features_mask has shape {tuple(image_features_mask.shape)} but "
-                f"image_features has shape {tuple(image_features.shape)}; the mask must be (batch_size, num_boxes)."
-            )
         if projected_features is None:
+            check_mask(image_features, image_features_mask, "TopDownAttention")
             projected_features = self.project_features(image_features)
 
         # shape: (batch_size, 1, attention_size)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from updown.modules.attention import TopDownAttention
+from updown.modules.attention import TopDownAttention, check_mask
 
 #: Keys of the recurrent state, each ``(batch_size, hidden_size)``.
 HIDDEN_KEYS = ("attention_h", "attention_c", "language_h", "language_c")
@@ -79,11 +79,7 @@ class UpDownCell(nn.Module):
             attention_size)`` (``W_v v``) and ``mean_feature_gates`` ``(batch_size, 4 * hidden_size)``
             (the attention LSTM's input weights applied to the mean of the real boxes).
         """
-        if image_features_mask.dtype != torch.bool or image_features_mask.shape != image_features.shape[:2]:
-            raise ValueError(
-                f"UpDownCell: image_features_mask must be a bool tensor of shape (batch_size, num_boxes) = "
-                f"{tuple(image_features.shape[:2])}, got {image_features_mask.dtype} {tuple(image_features_mask.shape)}."
-            )
+        check_mask(image_features, image_features_mask, "UpDownCell")
         # shape: (batch_size, num_boxes, 1)
         mask = image_features_mask.unsqueeze(-1)
         image_features = image_features.masked_fill(~mask, 0.0)
