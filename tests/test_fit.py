@@ -18,10 +18,14 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 def configured_value(task, group: str, key: str | None = None):
     """Where a task keeps the value of ``model.init_args.<group>[.<key>]`` once it is built."""
-    holders = {"net": task.net_config, "optimizer": task.optimizer_config, "decoding": getattr(task, "decoding", None)}
-    if key is not None:
-        return getattr(holders[group], key)
-    return task.hparams[group]
+    holders = {
+        "net": task.net_config,
+        "optimizer": task.optimizer_config,
+        "decoding": getattr(task, "decoding", None),
+        "scheduled_sampling": getattr(task, "scheduled_sampling", None),
+    }
+    value = getattr(holders[group], key) if key is not None else task.hparams[group]
+    return list(value) if isinstance(value, tuple) else value  # YAML has lists where configs keep tuples
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(c.parents[1])) for c in CONFIGS])
@@ -33,7 +37,9 @@ def test_every_shipped_config_builds_the_objects_it_describes(config):
     written = yaml.safe_load(config.read_text())
     cli = build_cli(["--config", str(config)])
     assert type(cli.model).__module__ + "." + type(cli.model).__name__ == written["model"]["class_path"]
-    assert type(cli.datamodule).__module__ + "." + type(cli.datamodule).__name__ == written["data"]["class_path"]
+    assert (
+        type(cli.datamodule).__module__ + "." + type(cli.datamodule).__name__ == written["data"]["class_path"]
+    )
     for name, value in (written["model"].get("init_args") or {}).items():
         if isinstance(value, dict):
             for key, inner in value.items():

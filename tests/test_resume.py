@@ -154,7 +154,7 @@ def xe_runs(tmp_path_factory, tiny_world, helpers):
     env = child_environment(helpers)
     base = tmp_path_factory.mktemp("xe")
     # Dropout and scheduled sampling: random draws every step, which the resumed run must repeat exactly.
-    extra = [*FAST, "--model.init_args.net.dropout", "0.3", "--model.init_args.scheduled_sampling", "0.25"]
+    extra = [*FAST, "--model.init_args.net.dropout", "0.3", "--model.init_args.scheduled_sampling.probability", "0.25"]
     data_root = tiny_world.root.parent
     fit(tiny_captioning_args(base / "reference", data_root, *extra), env)
     interrupted = base / "interrupted"

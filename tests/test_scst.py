@@ -79,9 +79,13 @@ def encode(words: list[str], length: int, eos: bool = True) -> list[int]:
     return ids + [VOCABULARY.pad_index] * (length - len(ids))
 
 
-def pycocoevalcap_scores(scorer, hypotheses: dict[int, list[str]], suffix: list[str]) -> np.ndarray:
+def pycocoevalcap_scores(
+    scorer, hypotheses: dict[int, list[str]], suffix: list[str], unended: tuple[int, ...] = ()
+) -> np.ndarray:
+    """pycocoevalcap's per-image scores; ``suffix`` (``["<eos>"]``) goes on every reference and on every hypothesis
+    except those of the images in ``unended`` (samples cut before emitting ``<eos>``)."""
     gts = {image: [" ".join(ref + suffix) for ref in refs] for image, refs in REFERENCES.items()}
-    res = {image: [" ".join(hypotheses[image] + suffix)] for image in REFERENCES}
+    res = {image: [" ".join(hypotheses[image] + ([] if image in unended else suffix))] for image in REFERENCES}
     return np.asarray(scorer.compute_score(gts, res)[1])
 
 
@@ -89,7 +93,8 @@ def pycocoevalcap_scores(scorer, hypotheses: dict[int, list[str]], suffix: list[
 def test_reward_is_pycocoevalcap_cider_d_on_the_training_references(eos_as_word):
     task = make_task(eos_as_word=eos_as_word)
     task._register_references([7, 9, 11])
-    # A sample cut at the maximum length (no <eos>) is scored on all its words; <unk> never matches a reference.
+    # A sample cut at the maximum length (no <eos>) is scored on all its words, and without an "<eos>" word (as
+    # self-critical.pytorch scores it); <unk> never matches a reference.
     hypotheses = {
         7: ["a", "dog", "sits"],
         9: ["a", "red", "bus", "on", "the", "street"],
@@ -101,7 +106,7 @@ def test_reward_is_pycocoevalcap_cider_d_on_the_training_references(eos_as_word)
     lengths = torch.tensor([4, 6, 4])
     rewards = task.rewards(tokens, lengths, [7, 9, 11])
     # pycocoevalcap counts document frequencies over the scored references, as the cached df here does.
-    expected = pycocoevalcap_scores(Cider(), hypotheses, ["<eos>"] if eos_as_word else [])
+    expected = pycocoevalcap_scores(Cider(), hypotheses, ["<eos>"] if eos_as_word else [], unended=(9,))
     np.testing.assert_allclose(rewards, expected, rtol=1e-9, atol=1e-12)
     assert rewards[0] > 0.5 and rewards.min() >= 0
 
@@ -210,7 +215,7 @@ def test_equal_rewards_give_zero_loss_and_a_warning_and_nan_rewards_an_error():
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in task.parameters() if p.grad is not None)
 
     task = make_task(num_samples=3)
-    task._cider.score = lambda hypotheses, keys: np.full(len(keys), np.nan)
+    task._cider.score = lambda hypotheses, keys, ended=None: np.full(len(keys), np.nan)
     with pytest.raises(ValueError, match="non-finite rewards"):
         task.training_step(make_batch([7]), 0)
 

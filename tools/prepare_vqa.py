@@ -1,15 +1,16 @@
 """Prepare VQA v2 questions, answers, vocabularies and soft targets (docs/design.md, section 2.3).
 
-For val evaluation (answer classes from train):
     python tools/prepare_vqa.py \
         --split train=v2_OpenEnded_mscoco_train2014_questions.json,v2_mscoco_train2014_annotations.json \
         --split val=v2_OpenEnded_mscoco_val2014_questions.json,v2_mscoco_val2014_annotations.json \
-        --output data/vqa
+        [--split test-dev=v2_OpenEnded_mscoco_test-dev2015_questions.json] --output data/vqa
 
-For a test-dev submission (answer classes from train + val; test-dev has no annotations):
-    python tools/prepare_vqa.py --split train=...,... --split val=...,... \
-        --split test-dev=v2_OpenEnded_mscoco_test-dev2015_questions.json --answer-splits train val \
-        --output data/vqa-trainval
+The answer classes are the answers that are the (normalised) majority answer of at least 9 questions of train +
+val, the annotated splits given (``--answer-splits`` overrides): the standard list, which hengyuan-hu's
+reproduction and Teney et al. use for their val numbers too (tools/compute_softscore.py counts train + val). On
+VQA v2 the standard list has 3,129 answers (tests/data/vqa/lxmert/trainval_label2ans.json, made by the same
+rule); ours has 3,128, one fewer, because the empty string, which answers such as "the" or "." normalise to and
+which is the standard list's class 0, is never a class here (updown/data/vqa_preparation.py).
 
 Writes questions_<split>.json (tokens, raw answers, sparse soft targets), annotations_<split>.json (the
 official annotations of annotated splits, for `python -m updown.evaluate vqa`), question_vocabulary.json
@@ -44,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--answer-splits",
         nargs="+",
-        default=["train"],
-        help="annotated splits whose majority answers define the answer classes (default: train)",
+        default=None,
+        help="annotated splits whose majority answers define the answer classes (default: train and val, "
+        "those of them given)",
     )
     parser.add_argument(
         "--vocabulary-splits",
@@ -86,6 +88,12 @@ def parse_splits(items: list[str]) -> dict[str, tuple[str, str | None]]:
     return splits
 
 
+def default_answer_splits(split_arguments: list[str]) -> list[str]:
+    """train and val, those of them given (the standard answer list counts both)."""
+    given = {item.split("=", 1)[0] for item in split_arguments}
+    return [name for name in ("train", "val") if name in given] or ["train"]
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -100,7 +108,7 @@ def main(argv=None) -> int:
         question_vocabulary, answer_vocabulary = prepare_vqa(
             parse_splits(args.split),
             args.output,
-            answer_splits=args.answer_splits,
+            answer_splits=args.answer_splits or default_answer_splits(args.split),
             min_answer_count=args.min_answer_count,
             max_question_length=args.max_question_length,
             vocabulary_splits=args.vocabulary_splits,

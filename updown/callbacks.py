@@ -156,7 +156,9 @@ class StepSeeding(pl.Callback):
         random.seed(int(words[0]))
 
 
-def checkpoint_callbacks(monitor: str, trainer: pl.Trainer | None = None) -> list[pl.Callback]:
+def checkpoint_callbacks(
+    monitor: str, trainer: pl.Trainer | None = None, mode: str = "max"
+) -> list[pl.Callback]:
     """The best checkpoint by ``monitor`` (first, so ``trainer.checkpoint_callback`` reports it), ``last.ckpt``
     rewritten after every validation, for ``--ckpt_path last``, and :class:`StepSeeding` for exact resumes.
 
@@ -169,7 +171,7 @@ def checkpoint_callbacks(monitor: str, trainer: pl.Trainer | None = None) -> lis
         [c for c in trainer.callbacks if isinstance(c, LastCheckpoint)] if trainer is not None else []
     )
     return [
-        BestCheckpoint(monitor=monitor, mode="max", filename="best-{epoch}-{step}"),
+        BestCheckpoint(monitor=monitor, mode=mode, filename="best-{epoch}-{step}"),
         configured[0] if configured else LastCheckpoint(),
         StepSeeding(),
     ]

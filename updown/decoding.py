@@ -60,6 +60,13 @@ class DecodingOutput:
         return positions.unsqueeze(0) < self.lengths.unsqueeze(1)
 
 
+# The words the Up-Down Caffe decoder lets repeat in a caption (peteanderson80/Up-Down-Captioner,
+# experiments/caption_lstm/decoder.prototxt, allowed_multiple); every other word may appear once.
+CAFFE_REPEATABLE_WORDS = (
+    "a", "the", "of", ",", "on", "in", "and", "with", "is", "an", '"', "to", "some", "at", "are", "it", "that", "'", "by",
+)  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class BeamSearchConfig(Config):
     """How a task decodes for validation, test and prediction (the paper's: beam 5, 20 tokens).
@@ -69,12 +76,17 @@ class BeamSearchConfig(Config):
         max_length: most tokens decoded, ``<eos>`` included.
         length_penalty: GNMT length penalty alpha (0: rank by the plain log-probability).
         block_trigrams: forbid repeating a trigram within a caption.
+        block_repeated_words: forbid repeating a word within a caption, except ``repeatable_words`` (the
+            Up-Down Caffe decoder's test-time constraint, with its 19 function words: :data:`CAFFE_REPEATABLE_WORDS`).
+        repeatable_words: words exempt from ``block_repeated_words``; words not in the vocabulary are ignored.
     """
 
     beam_size: int = 5
     max_length: int = 20
     length_penalty: float = 0.0
     block_trigrams: bool = False
+    block_repeated_words: bool = False
+    repeatable_words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -435,12 +447,15 @@ def beam_candidates(
     eos_index: int,
     pad_index: int = 0,
     unk_index: int | None = None,
+    block_repeated_words: bool = False,
+    repeatable_tokens: Sequence[int] = (),
 ) -> torch.Tensor:
     """All ``beam_size`` final hypotheses of a beam search (plain log-probability, ``<unk>`` suppressed).
 
     Finished hypotheses keep their slot and continue with ``<pad>`` at no cost, as in
     :func:`updown.decoding.beam_search`; the vocabulary must allow more than ``beam_size`` words so no slot
-    is ever a placeholder.
+    is ever a placeholder. ``block_repeated_words`` and ``repeatable_tokens`` are :func:`beam_search`'s (the
+    Caffe SCST beams carry the same repeated-word constraint as its test-time decoder).
 
     Returns:
         ``(B * beam_size, max_length)`` int64 tokens after ``<bos>``, image-major, ``<eos>`` then ``<pad>``.
@@ -460,7 +475,11 @@ def beam_candidates(
     for _ in range(max_length):
         result = step(tokens, state)
         logprobs, state = result[0].float(), result[1]
-        logprobs[:, [i for i in (pad, bos_index, unk_index) if i is not None]] = float("-inf")
+        always_banned = [i for i in (pad, bos_index, unk_index) if i is not None]
+        banned = _banned_tokens(
+            history, logprobs.size(1), always_banned, block_repeated_words, repeatable_tokens
+        )
+        logprobs = logprobs.masked_fill(banned, float("-inf"))
         pad_only = torch.full_like(logprobs[0], float("-inf"))
         pad_only[pad] = 0.0
         # shape: (B, beam_size, V)

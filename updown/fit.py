@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -62,7 +63,10 @@ def build_cli(args: list[str], cli_class: type[UpDownCLI] = UpDownCLI, **kwargs)
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [MetricsReport()]},
     )
-    return cli_class(pl.LightningModule, pl.LightningDataModule, **{**options, **kwargs})
+    with warnings.catch_warnings():
+        # We always pass the (default-completed) command line as args; Lightning warns whenever sys.argv is set too.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return cli_class(pl.LightningModule, pl.LightningDataModule, **{**options, **kwargs})
 
 
 def resolve_ckpt_path(cli: UpDownCLI) -> str | None:

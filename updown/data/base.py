@@ -92,11 +92,13 @@ def check_vocabulary(
     if list(expected) == list(actual):
         return
     differing = next((i for i, (a, b) in enumerate(zip(expected, actual)) if a != b), None)
-    unit, title, file = (
-        ("answer classes", "Answer vocabulary", "answer_vocabulary.json")
-        if name == "answer"
-        else ("tokens", "Vocabulary", "question_vocabulary.json" if name == "question" else "vocabulary.json")
-    )
+    files = {
+        "caption": "vocabulary.json",
+        "question": "question_vocabulary.json",
+        "answer": "answer_vocabulary.json",
+    }
+    unit, title = ("answer classes", "Answer vocabulary") if name == "answer" else ("tokens", "Vocabulary")
+    file = files.get(name, f"{name} vocabulary")
     position = "class" if name == "answer" else "index"
     where = (
         f"first difference at {position} {differing}: {expected[differing]!r} vs {actual[differing]!r}"

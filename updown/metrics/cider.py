@@ -251,18 +251,26 @@ class CiderD:
         lengths = np.array([self._length(len(ref)) for ref in refs], dtype=np.float64)
         self._images[key] = _ImageReferences(gram_ids, values, norms, lengths)
 
-    def score(self, hypotheses: Sequence[Sequence[str]], keys: Sequence[Hashable]) -> np.ndarray:
+    def score(
+        self,
+        hypotheses: Sequence[Sequence[str]],
+        keys: Sequence[Hashable],
+        ended: Sequence[bool] | None = None,
+    ) -> np.ndarray:
         """CIDEr-D of each hypothesis against the cached references of its image.
 
         Args:
             hypotheses: N captions as word lists, without ``"<eos>"`` (empty lists score 0).
             keys: N image keys registered with :meth:`add_references`; the k samples of one image share
                 a key.
+            ended: with ``eos_as_word``, which hypotheses ended with ``<eos>`` (a sampled caption cut at the
+                maximum length did not): only those get ``"<eos>"`` appended, as self-critical.pytorch scores
+                them. None: all of them.
 
         Returns:
             ``(N,)`` float64 scores (coco-caption scale: x10, so a good caption scores around 1).
         """
-        if len(hypotheses) != len(keys):
+        if len(hypotheses) != len(keys) or (ended is not None and len(ended) != len(keys)):
             raise ValueError(
                 f"CiderD.score: {len(hypotheses)} hypotheses but {len(keys)} keys; pass one key each."
             )
@@ -287,7 +295,8 @@ class CiderD:
         lookup = self._gram_ids.get
         # The only per-hypothesis Python work: count n-grams and look them up, in C-level iterators.
         for index, words in enumerate(hypotheses):
-            words = _with_eos(words, self.eos_as_word, f"hypotheses[{index}]")
+            append_eos = self.eos_as_word and (ended is None or bool(ended[index]))
+            words = _with_eos(words, append_eos, f"hypotheses[{index}]")
             hyp_lengths[index] = self._length(len(words))
             counts = ngram_counts(words, n)
             entry_hyp.extend(repeat(index, len(counts)))

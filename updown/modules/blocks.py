@@ -17,19 +17,23 @@ the captioner, VQA and retrieval models accept as ``feature_encoder``.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FEATURE_ENCODERS = ("se", "nonlocal", "gc", "cot")
+from updown.config import FeatureEncoderName
+
+# The names a config may give (updown.config.FeatureEncoderName); BLOCKS below maps each to its class.
+FEATURE_ENCODERS: tuple[str, ...] = get_args(FeatureEncoderName)
 
 
 def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
 
 
-class _SetBlock(nn.Module):
+class SetBlock(nn.Module):
     """Runs :meth:`forward_set` on region sets ``(B, R, D)`` or on grids ``(B, C, H, W)`` as H*W positions."""
 
     def forward_set(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -74,7 +78,7 @@ class _SetBlock(nn.Module):
         return self.forward_set(x, mask).masked_fill(~mask.unsqueeze(-1), 0.0)
 
 
-class SqueezeExcitation(_SetBlock):
+class SqueezeExcitation(SetBlock):
     """Squeeze-and-excitation: ``x * sigmoid(W_2 relu(W_1 mean(x)))``.
 
     Args:
@@ -96,7 +100,7 @@ class SqueezeExcitation(_SetBlock):
         return features * self.excitation(squeezed).unsqueeze(1)
 
 
-class NonLocalBlock(_SetBlock):
+class NonLocalBlock(SetBlock):
     """Embedded-Gaussian non-local block; the output projection starts at zero, so the block starts as identity.
 
     Args:
@@ -126,7 +130,7 @@ class NonLocalBlock(_SetBlock):
         return features + self.output(aggregated)
 
 
-class GlobalContextBlock(_SetBlock):
+class GlobalContextBlock(SetBlock):
     """Global context block (channel-add fusion); the last layer starts at zero, so the block starts as identity.
 
     Args:
@@ -335,12 +339,18 @@ def build_feature_encoder(
     """
     if name is None or name.lower() == "none":
         return None
-    blocks = {
-        "se": SqueezeExcitation,
-        "nonlocal": NonLocalBlock,
-        "gc": GlobalContextBlock,
-        "cot": ContextualTransformerBlock,
-    }
-    if name.lower() not in blocks:
+    if name.lower() not in BLOCKS:
         raise ValueError(f"feature_encoder={name!r} is unknown; use one of {FEATURE_ENCODERS} or None.")
-    return FeatureEncoder(blocks[name.lower()](feature_size, **kwargs), grid_shape=grid_shape)
+    return FeatureEncoder(BLOCKS[name.lower()](feature_size, **kwargs), grid_shape=grid_shape)
+
+
+# One entry per FeatureEncoderName: a new block adds its name there and its class here.
+BLOCKS: dict[str, type[nn.Module]] = {
+    "se": SqueezeExcitation,
+    "nonlocal": NonLocalBlock,
+    "gc": GlobalContextBlock,
+    "cot": ContextualTransformerBlock,
+}
+assert set(BLOCKS) == set(FEATURE_ENCODERS), (
+    "updown.config.FeatureEncoderName and BLOCKS must name the same blocks"
+)

@@ -37,17 +37,21 @@ class Task(pl.LightningModule):
 
     #: The datamodule class this task reads; ``configure_model`` refuses any other.
     datamodule_class: ClassVar[type[RegionDataModule]] = RegionDataModule
-    #: How errors name the datamodule the task needs.
-    datamodule_description: ClassVar[str] = "a region-feature datamodule"
+    #: How errors name the datamodule the task needs (None: the class's dotted path).
+    datamodule_description: ClassVar[str | None] = None
     #: The vocabularies (``DataSpec.vocabularies`` keys) the task's checkpoints must hold.
     vocabulary_names: ClassVar[tuple[str, ...]] = ()
-    #: The task's name in errors about checkpoints of another task.
-    checkpoint_kind: ClassVar[str] = "updown"
-    #: The validation metric that chooses the best checkpoint (higher is better).
+    #: The task's name in errors about checkpoints of another task (None: the class name).
+    checkpoint_kind: ClassVar[str | None] = None
+    #: The validation metric that chooses the best checkpoint, and whether higher ("max") or lower is better.
     monitor: ClassVar[str] = "val/loss"
+    monitor_mode: ClassVar[str] = "min"
 
     def __init__(self, optimizer: OptimizerConfig = DEFAULT_OPTIMIZER) -> None:
         super().__init__()
+        # Every subclass's arguments too (Lightning collects the whole __init__ chain): checkpoints store them,
+        # so load_from_checkpoint rebuilds the task with its configs.
+        self.save_hyperparameters()
         self.optimizer_config = OptimizerConfig.coerce(optimizer)
         self.data_spec: DataSpec | None = None
         # The val/* values of the last validation, reported by MetricsReport (see log_rank_identical).
@@ -78,8 +82,10 @@ class Task(pl.LightningModule):
             return  # load_from_checkpoint outside a Trainer: on_load_checkpoint builds from the checkpoint
         datamodule = self.trainer.datamodule
         if not isinstance(datamodule, self.datamodule_class):
+            cls = self.datamodule_class
+            needed = self.datamodule_description or f"a {cls.__module__}.{cls.__qualname__}"
             raise ValueError(
-                f"{type(self).__name__} needs {self.datamodule_description}, got {type(datamodule).__name__}. "
+                f"{type(self).__name__} needs {needed}, got {type(datamodule).__name__}. "
                 "Fix `data.class_path` in the config."
             )
         datamodule.setup(self.trainer.state.fn.value)
@@ -104,9 +110,11 @@ class Task(pl.LightningModule):
         source = self.restored_checkpoint()
         spec = DataSpec.from_checkpoint(checkpoint, source)
         if spec is None or not set(self.vocabulary_names) <= set(spec.vocabularies):
+            kind = self.checkpoint_kind or type(self).__name__
+            held = " and ".join(self.vocabulary_names) or "data"
             raise ValueError(
-                f"{source} holds no {' and '.join(self.vocabulary_names)} vocabulary: it was not written by a "
-                f"updown {self.checkpoint_kind} task. Pass the checkpoint of a {self.checkpoint_kind} run."
+                f"{source} holds no {held} description: it was not written by a {kind} task. "
+                f"Pass the checkpoint of a {kind} run."
             )
         if self.data_spec is None:
             self.setup_model(spec)
@@ -124,7 +132,7 @@ class Task(pl.LightningModule):
         return self.optimizer_config.build(self.parameters(), self.trainer.estimated_stepping_batches)
 
     def configure_callbacks(self):
-        return checkpoint_callbacks(self.monitor, self._trainer)
+        return checkpoint_callbacks(self.monitor, self._trainer, self.monitor_mode)
 
     # ------------------------------------------------------------------------------------------ scoring
     def score_on_rank_zero(

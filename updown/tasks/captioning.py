@@ -7,11 +7,12 @@ model on its own and a checkpoint from another vocabulary is refused with both v
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import torch
 
-from updown.config import check_choice
+from updown.config import Config, check_choice
 from updown.data.base import DataSpec
 from updown.data.datamodules import CaptioningDataModule
 from updown.data.vocabulary import Vocabulary
@@ -31,6 +32,54 @@ METRIC_KEYS = {
 
 SpiceMode = Literal["off", "auto", "on"]
 
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledSampling(Config):
+    """How often training feeds the model its own sampled word instead of the ground truth (Bengio et al. 2015).
+
+    The probability is 0 before ``start_epoch``; from it on, ``probability + increase_by * k`` after every
+    ``increase_every`` epochs (``k`` of them), at most ``max_probability``. self-critical.pytorch's UpDown recipe:
+    start 0, +0.05 every 5 epochs, at most 0.25. A constant probability: ``increase_by: 0``.
+
+    Args:
+        probability: the probability at ``start_epoch``.
+        start_epoch: the first epoch that samples.
+        increase_every: epochs between increases.
+        increase_by: added at every increase.
+        max_probability: the ceiling.
+    """
+
+    probability: float = 0.0
+    start_epoch: int = 0
+    increase_every: int = 5
+    increase_by: float = 0.0
+    max_probability: float = 0.25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (
+            0.0 <= self.probability <= 1.0 and 0.0 <= self.max_probability <= 1.0 and self.increase_by >= 0
+        ):
+            raise ValueError(
+                f"ScheduledSampling: probability={self.probability} and max_probability={self.max_probability} must "
+                f"be in [0, 1] and increase_by={self.increase_by} >= 0."
+            )
+        if self.start_epoch < 0 or self.increase_every < 1:
+            raise ValueError(
+                f"ScheduledSampling: start_epoch={self.start_epoch} must be >= 0 and increase_every="
+                f"{self.increase_every} >= 1."
+            )
+
+    def at_epoch(self, epoch: int) -> float:
+        """The sampling probability during ``epoch`` (0-based)."""
+        if epoch < self.start_epoch:
+            return 0.0
+        increases = (epoch - self.start_epoch) // self.increase_every
+        return min(
+            self.probability + self.increase_by * increases, max(self.max_probability, self.probability)
+        )
+
+
 # The paper's recipe: SGD 0.01, momentum 0.9, weight decay 5e-4, decayed linearly to 0 over training.
 PAPER_SGD = OptimizerConfig("sgd", 0.01, weight_decay=5e-4, schedule="linear")
 
@@ -44,7 +93,8 @@ class CaptioningTask(Task):
             linearly to 0 over training.
         decoding: beam search for validation, test and prediction (:class:`~updown.decoding.BeamSearchConfig`).
         label_smoothing: cross-entropy label smoothing.
-        scheduled_sampling: probability of feeding the model's own sample instead of the ground-truth word.
+        scheduled_sampling: when to feed the model's own sample instead of the ground-truth word
+            (:class:`ScheduledSampling`; default: never).
         spice: SPICE during validation: "off" (default, it needs CoreNLP jars and minutes), "auto" or "on".
         val_metrics: pycocoevalcap metric families computed at validation.
     """
@@ -54,6 +104,7 @@ class CaptioningTask(Task):
     vocabulary_names = ("caption",)
     checkpoint_kind = "captioning"
     monitor = "val/cider"
+    monitor_mode = "max"
 
     def __init__(
         self,
@@ -61,20 +112,17 @@ class CaptioningTask(Task):
         optimizer: OptimizerConfig = PAPER_SGD,
         decoding: BeamSearchConfig = BeamSearchConfig(),
         label_smoothing: float = 0.0,
-        scheduled_sampling: float = 0.0,
+        scheduled_sampling: ScheduledSampling = ScheduledSampling(),
         spice: SpiceMode = "off",
         val_metrics: tuple[str, ...] = ("Bleu", "METEOR", "ROUGE_L", "CIDEr"),
     ) -> None:
         super().__init__(optimizer)
-        if not 0.0 <= label_smoothing < 1.0 or not 0.0 <= scheduled_sampling <= 1.0:
-            raise ValueError(
-                f"model: label_smoothing={label_smoothing} must be in [0, 1) and scheduled_sampling="
-                f"{scheduled_sampling} in [0, 1]."
-            )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.init_args.label_smoothing={label_smoothing} must be in [0, 1).")
         check_choice("model.init_args.spice", spice, SpiceMode)
-        self.save_hyperparameters()
         self.net_config = CaptionerConfig.coerce(net)
         self.decoding = BeamSearchConfig.coerce(decoding)
+        self.scheduled_sampling = ScheduledSampling.coerce(scheduled_sampling)
         self.model: UpDownCaptioner | None = None
         self.vocabulary: Vocabulary | None = None
         self._outputs: list[dict] = []
@@ -101,7 +149,7 @@ class CaptioningTask(Task):
             batch["image_features_mask"],
             batch["caption_tokens"],
             image_index=batch["image_index"],
-            scheduled_sampling_probability=self.hparams.scheduled_sampling,
+            scheduled_sampling_probability=self.scheduled_sampling.at_epoch(self.current_epoch),
         )
         loss = sequence_cross_entropy(
             output["logits"],
@@ -124,11 +172,20 @@ class CaptioningTask(Task):
             max_length=d.max_length,
             length_penalty=d.length_penalty,
             block_trigrams=d.block_trigrams,
+            **self.repeated_word_constraint(),
             bos_index=self.vocabulary.bos_index,
             eos_index=self.vocabulary.eos_index,
             pad_index=self.vocabulary.pad_index,
             unk_index=self.vocabulary.unk_index,
         )
+
+    def repeated_word_constraint(self) -> dict[str, Any]:
+        """``decoding``'s repeated-word constraint as the keyword arguments of the beam searches."""
+        repeatable = [self.vocabulary.index(word) for word in self.decoding.repeatable_words]
+        return {
+            "block_repeated_words": self.decoding.block_repeated_words,
+            "repeatable_tokens": sorted({i for i in repeatable if i != self.vocabulary.unk_index}),
+        }
 
     def captions_of(self, tokens: torch.Tensor) -> list[str]:
         return [" ".join(self.vocabulary.decode(row)) for row in tokens.tolist()]

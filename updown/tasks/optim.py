@@ -20,7 +20,7 @@ from torch import nn
 from updown.config import Config
 
 OptimizerName = Literal["sgd", "adam", "adamax", "adadelta"]
-ScheduleName = Literal["constant", "linear", "step"]
+ScheduleName = Literal["constant", "linear", "step", "exponential"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +33,12 @@ class OptimizerConfig(Config):
         momentum: SGD momentum (ignored by the others).
         weight_decay: L2 weight decay.
         schedule: ``constant``; ``linear`` (decays to 0 over ``total_steps`` optimiser steps, the paper's SGD
-            recipe); ``step`` (multiplies by ``gamma`` every ``step_size`` epochs, the common Adam recipe).
+            recipe, Caffe's ``poly`` policy with power 1); ``step`` (multiplies by ``gamma`` every ``step_size``
+            epochs, the common Adam recipe); ``exponential`` (multiplies by ``gamma`` after every optimiser step,
+            Caffe's ``exp`` policy, the Up-Down SCST solver's).
         total_steps: steps of the ``linear`` decay; None: the whole training (Lightning's estimate).
         step_size: epochs between decays for ``step``.
-        gamma: decay factor for ``step``.
+        gamma: decay factor for ``step`` (per ``step_size`` epochs) and ``exponential`` (per optimiser step).
     """
 
     name: OptimizerName = "sgd"
@@ -72,6 +74,9 @@ class OptimizerConfig(Config):
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: max(0.0, 1.0 - step / total)
             )
+            schedule = {"scheduler": scheduler, "interval": "step"}
+        elif self.schedule == "exponential":
+            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=self.gamma)
             schedule = {"scheduler": scheduler, "interval": "step"}
         else:
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.step_size, gamma=self.gamma)

@@ -57,6 +57,7 @@ class RetrievalTask(Task):
     vocabulary_names = ("caption",)
     checkpoint_kind = "retrieval"
     monitor = "val/rsum"
+    monitor_mode = "max"
 
     def __init__(
         self,
@@ -71,7 +72,6 @@ class RetrievalTask(Task):
         if max_violation_warmup_epochs < 0:
             raise ValueError(f"model.max_violation_warmup_epochs={max_violation_warmup_epochs} must be >= 0.")
         check_protocol(protocol)
-        self.save_hyperparameters()
         self.net_config = BFANConfig.coerce(net)
         self.model: BFANRetrieval | None = None
         self._outputs: list[dict] = []

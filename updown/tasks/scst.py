@@ -233,7 +233,8 @@ class SCSTCaptioningTask(CaptioningTask):
             for row, n in zip(tokens.tolist(), (lengths - has_eos.long()).tolist())
         ]
         h = self.hparams
-        reward = h.cider_weight * self._cider.score(words, keys)
+        # With eos_as_word, a sample cut at the maximum length gets no "<eos>" (it did not emit one).
+        reward = h.cider_weight * self._cider.score(words, keys, ended=has_eos.tolist())
         if h.bleu_weight > 0:
             reward = reward + h.bleu_weight * self._bleu.score(words, keys)
         if not np.isfinite(reward).all():
@@ -258,8 +259,9 @@ class SCSTCaptioningTask(CaptioningTask):
             self.model.eval()
             state = self.model.init_state(features, mask)
             tokens = beam_candidates(
-                self.model.step, state, beam_size=k, max_length=self.decoding.max_length, **specials
-            )
+                self.model.step, state, beam_size=k, max_length=self.decoding.max_length,
+                **specials, **self.repeated_word_constraint(),
+            )  # fmt: skip
             self.model.train()
             # shape: (B * k, T + 1) the hypotheses after <bos>, teacher-forced to get their log-probs with a graph
             inputs = torch.cat([tokens.new_full((tokens.size(0), 1), vocabulary.bos_index), tokens], dim=1)

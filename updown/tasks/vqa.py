@@ -14,6 +14,7 @@ vocabularies is refused with both named.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -60,6 +61,7 @@ class VQATask(Task):
     vocabulary_names = ("question", "answer")
     checkpoint_kind = "VQA"
     monitor = "val/vqa_accuracy"
+    monitor_mode = "max"
 
     def __init__(
         self,
@@ -71,7 +73,6 @@ class VQATask(Task):
     ) -> None:
         super().__init__(optimizer)
         check_choice("model.init_args.normalization", normalization, Normalization)
-        self.save_hyperparameters()
         self.net_config = VQAConfig.coerce(net)
         self.model: UpDownVQA | None = None
         self.question_only_model: UpDownVQA | None = None
@@ -104,13 +105,19 @@ class VQATask(Task):
 
     def initialize_from_data(self) -> None:
         """Initialise the word embeddings from GloVe (``glove_path``); words GloVe lacks keep their random rows."""
-        if self.hparams.glove_path is None:
+        path = self.hparams.glove_path
+        if path is None:
             return
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"model.init_args.glove_path {path}: GloVe file not found. This recipe initialises the word "
+                "embedding from GloVe: download glove.6B.zip from https://nlp.stanford.edu/projects/glove/, unzip "
+                f"it and put glove.6B.300d.txt at {path} (or pass --model.init_args.glove_path FILE; null trains "
+                "from random embeddings, which is not the recipe)."
+            )
         for model in (self.model, self.question_only_model):
             if model is not None:
-                vectors, _ = load_glove(
-                    self.hparams.glove_path, self.question_vocabulary.tokens, model.embedding.weight
-                )
+                vectors, _ = load_glove(path, self.question_vocabulary.tokens, model.embedding.weight)
                 with torch.no_grad():
                     model.embedding.weight.copy_(vectors)
                     model.embedding.weight[model.pad_index].zero_()
