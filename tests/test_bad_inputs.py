@@ -29,6 +29,7 @@ from conftest import ROOT, TINY_SPEC, synthetic_world_args, tiny_captioning_args
 import updown.evaluate
 import updown.fit
 import updown.predict
+import updown.validate
 from updown.cli import USER_ERRORS
 
 TOOLS = ("convert_features", "prepare_captions", "prepare_vqa", "make_synthetic", "build_cider_df")
@@ -38,7 +39,13 @@ TOOLS = ("convert_features", "prepare_captions", "prepare_vqa", "make_synthetic"
 def entry_point(name: str) -> Callable[[list[str]], int]:
     """``main`` of ``updown.<name>`` or of ``tools/<name>.py``."""
     if name not in TOOLS:
-        return {"fit": updown.fit, "evaluate": updown.evaluate, "predict": updown.predict}[name].main
+        modules = {
+            "fit": updown.fit,
+            "validate": updown.validate,
+            "evaluate": updown.evaluate,
+            "predict": updown.predict,
+        }
+        return modules[name].main
     spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -296,6 +303,98 @@ def truncated(tmp: Path, world: World) -> Path:
     return path
 
 
+def listed_twice(data):
+    data["images"].append(dict(data["images"][0]))
+    return data
+
+
+def one_token_list_short(data):
+    data["images"][0]["tokens"] = data["images"][0]["tokens"][1:]
+    return data
+
+
+def targets_without_answers(data):
+    question = next(q for q in data["questions"] if q["answer_scores"])
+    question["answers"] = []
+    return data
+
+
+def prepared_vqa_with(tmp: Path, world: World, name: str, edit) -> Path:
+    """A copy of the world's prepared VQA folder with ``name`` changed by ``edit``."""
+    prepared = prepared_vqa_copy(tmp, world)
+    edit_json(prepared / name, prepared / name, edit)
+    return prepared
+
+
+def flipped_byte(tmp: Path, source: Path) -> Path:
+    """``source`` with one bit flipped in the middle of its weights: torch.load reads it without complaint."""
+    data = bytearray(source.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path = tmp / "flipped.ckpt"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def truncated_checkpoint(tmp: Path, world: World) -> Path:
+    path = tmp / "truncated.ckpt"
+    data = world.caption_checkpoint.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def validate_captions(tmp: Path, world: World, checkpoint: Path) -> list[str]:
+    run = world.caption_checkpoint.parents[1]
+    return ["--config", str(run / "config.yaml"), "--ckpt_path", str(checkpoint), "--output", str(tmp / "out.json"),
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+
+
+def karpathy_float_id(tmp: Path, world: World) -> list[str]:
+    images = [{"cocoid": 7.5, "split": "train", "sentences": [{"raw": "a dog", "tokens": ["a", "dog"]}]}]
+    return ["--karpathy", str(karpathy(tmp, images)), "--output", str(tmp / "out"), "--min-count", "1"]
+
+
+def numeric_answer(data):
+    data["annotations"][0]["answers"][0]["answer"] = 2
+    return data
+
+
+def unwritable_reference_file(tmp: Path, world: World) -> list[str]:
+    """A folder where prepare_captions writes references_val.json: the last output cannot be written."""
+    (tmp / "out" / "references_val.json").mkdir(parents=True)
+    return ["--karpathy", str(karpathy(tmp)), "--output", str(tmp / "out"), "--min-count", "1"]
+
+
+def question_type_list(tmp: Path, world: World) -> list[str]:
+    annotations = edit_json(
+        world.prepared_vqa / "annotations_test.json", tmp / "annotations.json",
+        lambda d: {**d, "annotations": [{**d["annotations"][0], "question_type": ["what"]}, *d["annotations"][1:]]},
+    )  # fmt: skip
+    questions = json.loads((world.prepared_vqa / "questions_test.json").read_text())["questions"]
+    results = write(
+        tmp / "results.json",
+        json.dumps([{"question_id": q["question_id"], "answer": "yes"} for q in questions]),
+    )
+    return ["vqa", "--questions", str(world.prepared_vqa / "questions_test.json"), "--annotations", str(annotations),
+            "--results", str(results), "--output", str(tmp / "out.json")]  # fmt: skip
+
+
+def scoring_that_fails(tmp: Path, world: World) -> list[str]:
+    """Prediction whose --score needs SPICE, whose jars are not installed: the scoring fails after decoding."""
+    from updown.metrics.coco_caption import spice_available
+
+    if spice_available():
+        pytest.skip("the SPICE jars are installed here: scoring would succeed")
+    return [*predict_captions(tmp, world), "--attention", str(tmp / "out.h5"), "--score", str(tmp / "scores.json"),
+            "--spice", "on"]  # fmt: skip
+
+
+def scst_from(tmp: Path, world: World, init_weights: Path) -> list[str]:
+    return fit_captions(
+        tmp, world, None, None, None, "--config", str(ROOT / "configs" / "captioning" / "synthetic_scst.yaml"),
+        "--model.init_args.init_weights", str(init_weights),
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The table.
 
@@ -551,12 +650,174 @@ CASES = [
         ("answer_vocabulary.json", "output file(s) exist", "--force"), absent="out/questions_train.json",
         unchanged="out/answer_vocabulary.json",
     ),
+    # --- prepared files checked at load (issue 16): each of these used to be accepted ---
+    Case(
+        # Training on it gave 13 captions' images for 12 images (the image twice).
+        "prepared-captions-image-listed-twice", "fit",
+        lambda tmp, w: fit_captions(tmp, w, captions=edit_json(w.captions, tmp / "captions.json", listed_twice)),
+        ("captions.json", "is listed twice", "each image must appear once", "Prepare the captions again"), absent="out",
+    ),
+    Case(
+        "prepared-captions-fewer-token-lists-than-captions", "build_cider_df",
+        lambda tmp, w: ["--captions", str(edit_json(w.captions, tmp / "captions.json", one_token_list_short)),
+                        "--split", "train", "--output", str(tmp / "out.json")],
+        ("captions.json", "5 captions but 4 token lists", "Prepare the captions again"),
+    ),
+    Case(
+        "val-split-typo", "fit",
+        lambda tmp, w: fit_captions(tmp, w, None, None, None, "--data.init_args.val_split", "vall"),
+        ("captions.json", "no split 'vall'", "the file has the splits train", "val (12 images)", "val_split"),
+        absent="out",
+    ),
+    Case(
+        "predict-split-typo", "predict",
+        lambda tmp, w: [*predict_captions(tmp, w), "--split", "tset"],
+        ("captions.json", "no split 'tset'", "test (12 images)", "Check the split name"),
+    ),
+    Case(
+        "predict-vqa-split-typo", "predict",
+        lambda tmp, w: [*predict_vqa(tmp, w), "--split", "tset"],
+        ("prepared", "no prepared split 'tset'", "the folder has the splits test, train, val", "tools/prepare_vqa.py"),
+    ),
+    Case(
+        "prepared-question-listed-twice", "predict",
+        lambda tmp, w: predict_vqa(tmp, w, prepared=prepared_vqa_copy(tmp, w, repeat_first_question)),
+        ("questions_test.json", "is listed twice", "each question must appear once"),
+    ),
+    Case(
+        "prepared-soft-targets-without-answers", "predict",
+        lambda tmp, w: predict_vqa(tmp, w, prepared=prepared_vqa_copy(tmp, w, targets_without_answers)),
+        ("questions_test.json", "soft target(s) but no human answers", "tools/prepare_vqa.py"),
+    ),
+    Case(
+        "answer-vocabulary-with-a-number", "predict",
+        lambda tmp, w: predict_vqa(tmp, w, prepared=prepared_vqa_with(
+            tmp, w, "answer_vocabulary.json", lambda d: {"answers": [*d["answers"], 7]})),
+        ("answer_vocabulary.json", "every answer must be a string", "tools/prepare_vqa.py"),
+    ),
+    Case(
+        "karpathy-float-image-id", "prepare_captions", karpathy_float_id,
+        ("dataset_coco.json", "images[0]", "cocoid 7.5 is not an integer"), absent="out",
+    ),
+    Case(
+        "vqa-numeric-human-answer", "prepare_vqa",
+        lambda tmp, w: ["--split", "train={},{}".format(
+            raw_vqa(tmp, w)[0], edit_json(w.synthetic.vqa_annotations_jsonpath("train"), tmp / "annotations.json", numeric_answer)),
+            "--output", str(tmp / "out"), "--min-answer-count", "1"],
+        ("annotations.json", "annotations[0]", "'answers' (a list of {'answer': str})"), absent="out",
+    ),
+    Case(
+        # A traceback (unhashable type) before.
+        "vqa-annotation-question-type-list", "evaluate", question_type_list,
+        ("annotations: question", "a string 'question_type'", "official VQA annotations"),
+    ),
+    # --- option ranges, checked at parse time and naming the option (issue 16) ---
+    Case(
+        "beam-size-zero", "fit",
+        lambda tmp, w: fit_captions(tmp, w, None, None, None, "--model.init_args.decoding.beam_size", "0"),
+        ("--model.init_args.decoding.beam_size", "must be an integer > 0", "got 0"), absent="out",
+    ),
+    Case(
+        "dropout-one-in-a-config", "fit",
+        lambda tmp, w: fit_captions(tmp, w, None, None, None, "--config", str(write(
+            tmp / "dropout.yaml", "model:\n  init_args:\n    net:\n      dropout: 1.0\n"))),
+        ("model.init_args.net.dropout (from --config)", "must be a number >= 0 and < 1", "got 1.0"), absent="out",
+    ),
+    Case(
+        "negative-synthetic-noise", "fit",
+        lambda tmp, w: fit_captions(tmp, w, None, None, None, "--data.init_args.synthetic.noise", "-0.5"),
+        ("--data.init_args.synthetic.noise", "must be a number >= 0", "got -0.5"), absent="out",
+    ),
+    Case(
+        # A ZeroDivisionError traceback after the first epoch before.
+        "trainer-accumulate-zero-batches", "fit",
+        lambda tmp, w: fit_captions(tmp, w, None, None, None, "--trainer.accumulate_grad_batches", "0"),
+        ("--trainer.accumulate_grad_batches=0", "must be an integer > 0"), absent="out",
+    ),
+    Case(
+        "predict-batch-size-zero", "predict",
+        lambda tmp, w: [*predict_captions(tmp, w), "--batch-size", "0"],
+        ("--batch-size", "must be an integer > 0", "'0'"),
+    ),
+    Case(
+        "prepare-captions-min-count-zero", "prepare_captions",
+        lambda tmp, w: ["--karpathy", str(karpathy(tmp)), "--output", str(tmp / "out"), "--min-count", "0"],
+        ("--min-count", "must be an integer > 0"), absent="out",
+    ),
+    Case(
+        "cider-n-zero", "build_cider_df",
+        lambda tmp, w: ["--captions", str(w.captions), "--n", "0", "--output", str(tmp / "out.json")],
+        ("--n", "must be an integer > 0"),
+    ),
+    Case(
+        # A numpy traceback before.
+        "synthetic-min-boxes-above-max", "make_synthetic",
+        lambda tmp, w: ["--output", str(tmp / "out"), "--min-boxes", "20", "--max-boxes", "10"],
+        ("min_boxes=20 is above max_boxes=10", "raise max_boxes"), absent="out",
+    ),
+    # --- devices that are not there ---
+    Case(
+        "predict-device-not-present", "predict",
+        lambda tmp, w: [*predict_captions(tmp, w), "--device", "cuda:99"],
+        ("--device cuda:99", "This machine has: cpu", "--device cpu"),
+    ),
+    Case(
+        "fit-accelerator-not-present", "fit",
+        lambda tmp, w: fit_captions(tmp, w, None, None, None, "--trainer.accelerator", "gpu", "--trainer.devices", "99"),
+        ("--trainer.accelerator gpu", "This machine has: cpu", "--trainer.accelerator cpu"), absent="out",
+    ),
+    # --- checkpoints that cannot be read, in every entry point (a traceback before, but in predict) ---
+    Case(
+        "resume-from-truncated-checkpoint", "fit",
+        lambda tmp, w: fit_captions(tmp, w, None, None, None, "--ckpt_path", str(truncated_checkpoint(tmp, w))),
+        ("--ckpt_path", "truncated.ckpt", "not a readable PyTorch checkpoint", "truncated"), absent="out",
+    ),
+    Case(
+        "validate-truncated-checkpoint", "validate",
+        lambda tmp, w: validate_captions(tmp, w, truncated_checkpoint(tmp, w)),
+        ("--ckpt_path", "truncated.ckpt", "not a readable PyTorch checkpoint"),
+    ),
+    Case(
+        "validate-checkpoint-not-a-checkpoint", "validate",
+        lambda tmp, w: validate_captions(tmp, w, write(tmp / "notes.ckpt", "not a checkpoint")),
+        ("--ckpt_path", "notes.ckpt", "not a readable PyTorch checkpoint"),
+    ),
+    Case(
+        # torch.load reads it; the prediction would have come from other weights.
+        "predict-checkpoint-with-a-flipped-byte", "predict",
+        lambda tmp, w: predict_captions(tmp, w, checkpoint=flipped_byte(tmp, w.caption_checkpoint)),
+        ("--checkpoint", "flipped.ckpt", "checksum mismatch", "corrupted"),
+    ),
+    Case(
+        "scst-init-weights-truncated", "fit",
+        lambda tmp, w: scst_from(tmp, w, truncated_checkpoint(tmp, w)),
+        ("model.init_args.init_weights", "truncated.ckpt", "not a readable PyTorch checkpoint"), absent="out",
+    ),
+    Case(
+        "scst-init-weights-of-another-task", "fit",
+        lambda tmp, w: scst_from(tmp, w, w.vqa_checkpoint),
+        ("model.init_args.init_weights", "not a captioning checkpoint", "captioning (XE) run"), absent="out",
+    ),
+    # --- all or nothing ---
+    Case(
+        # captions.json and vocabulary.json were left behind before.
+        "prepare-captions-last-output-unwritable", "prepare_captions", unwritable_reference_file,
+        ("references_val.json", "is a folder"), absent="out/captions.json",
+    ),
+    Case(
+        # The results and attention files were written before the scoring failed (with a traceback).
+        "predict-scoring-fails-writes-nothing", "predict", scoring_that_fails,
+        ("--score", "SPICE was requested", "--spice auto"), absent="out.h5",
+    ),
 ]  # fmt: skip
 
 
 def run_case(case: Case, tmp_path: Path, world: World, *extra: str) -> int:
     argv = case.make(tmp_path, world)
-    return entry_point(case.entry)([*argv, *extra])
+    try:
+        return entry_point(case.entry)([*argv, *extra])
+    except SystemExit as exit_request:  # argparse refusing an option (a range): its one `error:` line
+        return exit_request.code
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

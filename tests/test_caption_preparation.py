@@ -66,6 +66,6 @@ def test_bad_inputs_leave_no_output(tmp_path):
     (tmp_path / "c.json").write_text('{"annotations": [{"image_id": 1, "caption": "a dog"}]}')
     with pytest.raises(ValueError, match=r"ids.txt: 1 image id\(s\) of split 'val' have no captions"):
         load_coco_captions([tmp_path / "c.json"], {"val": tmp_path / "ids.txt"})
-    with pytest.raises(ValueError, match="no images in split"):
+    with pytest.raises(ValueError, match="no split 'val'; the file has the splits train"):
         prepare_captions([ImageCaptions(1, "train", ["a dog"], [["a", "dog"]])], tmp_path / "p")
         read_prepared_captions(tmp_path / "p" / "captions.json", ["val"])

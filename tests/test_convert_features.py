@@ -27,7 +27,9 @@ def make_images(seed: int, num_boxes: list[int], first_id: int, feature_size: in
     rng = np.random.default_rng(seed)
     images = []
     for offset, count in enumerate(num_boxes):
-        boxes = rng.uniform(0, 100, size=(count, 4)).astype(np.float32)
+        # Boxes inside the image (200 + offset) x 100, x1 <= x2 and y1 <= y2: converters refuse implausible ones.
+        xs, ys = np.sort(rng.uniform(0, 100, size=(2, count, 2)), axis=2)
+        boxes = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=1).astype(np.float32)
         features = rng.gamma(1.0, size=(count, feature_size)).astype(np.float32)
         images.append(TSVImage(first_id + offset, 200.0 + offset, 100.0, boxes, features))
     return images
@@ -168,7 +170,7 @@ def test_truncated_input_gives_clear_error_and_no_output(tmp_path, capsys):
         capsys, "--input", tmp_path / "cut.tsv", "--output", tmp_path / "out.h5", "--max-boxes", "3"
     )
     assert code == 2
-    assert f"{tmp_path / 'cut.tsv'}, line 3, field 'features'" in err and "truncated" in err
+    assert f"{tmp_path / 'cut.tsv'}, line 3: the last line has no line end" in err and "truncated" in err
     assert "Traceback" not in err
     assert listing(tmp_path) == before  # neither the output nor its temporary file
 
@@ -231,3 +233,80 @@ def test_explicit_layout_must_match_the_file(tmp_path, capsys):
         capsys, "--input", tmp_path / "a.tsv", "--output", tmp_path / "out.h5", "--layout", "original"
     )
     assert code == 0, err
+
+
+# ---------------------------------------------------------------- compressed inputs, implausible rows
+
+
+def _h5_contents(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {name: f[name][()] for name in f}
+
+
+def test_gzip_and_zip_inputs_convert_like_the_plain_files(tmp_path, capsys):
+    import gzip
+    import zipfile
+
+    write_original_tsv(tmp_path / "a.tsv", make_images(10, [2, 3], first_id=1))
+    write_original_tsv(tmp_path / "b.tsv", make_images(11, [1, 4], first_id=5))
+    assert (
+        run(capsys, "--input", tmp_path / "a.tsv", tmp_path / "b.tsv", "--output", tmp_path / "plain.h5")[0]
+        == 0
+    )
+    (tmp_path / "a.tsv.gz").write_bytes(gzip.compress((tmp_path / "a.tsv").read_bytes()))
+    (tmp_path / "b.tsv.gz").write_bytes(gzip.compress((tmp_path / "b.tsv").read_bytes()))
+    with zipfile.ZipFile(tmp_path / "ab.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(tmp_path / "b.tsv", "b.tsv")
+        archive.write(tmp_path / "a.tsv", "a.tsv")
+    expected = _h5_contents(tmp_path / "plain.h5")
+    for inputs in ([tmp_path / "a.tsv.gz", tmp_path / "b.tsv.gz"], [tmp_path / "ab.zip"]):
+        for extra in ([], ["--max-boxes", "4"]):  # with and without the num_boxes scan
+            output = tmp_path / "out.h5"
+            code, err = run(capsys, "--input", *inputs, "--output", output, "--force", *extra)
+            assert code == 0, err
+            contents = _h5_contents(output)
+            assert contents.keys() == expected.keys()
+            for name, values in expected.items():
+                np.testing.assert_array_equal(contents[name], values)
+
+
+def test_a_damaged_gzip_input_is_one_error_and_leaves_the_previous_output(tmp_path, capsys):
+    import gzip
+
+    write_original_tsv(tmp_path / "a.tsv", make_images(12, [2, 3, 1], first_id=1))
+    data = bytearray(gzip.compress((tmp_path / "a.tsv").read_bytes()))
+    data[-6] ^= 0x01  # the CRC: found only at the end of the stream, after every row was written
+    (tmp_path / "a.tsv.gz").write_bytes(bytes(data))
+    (tmp_path / "out.h5").write_bytes(b"previous results")
+    before = listing(tmp_path)
+    code, err = run(capsys, "--input", tmp_path / "a.tsv.gz", "--output", tmp_path / "out.h5", "--force")
+    assert code == 2 and f"{tmp_path / 'a.tsv.gz'}: the archive is damaged" in err and "CRC" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert listing(tmp_path) == before and (tmp_path / "out.h5").read_bytes() == b"previous results"
+
+
+@pytest.mark.parametrize(
+    "box, message",
+    [
+        ([50, 10, 40, 20], "field 'boxes': has box 1 = (50, 10, 40, 20) inverted"),
+        ([0, 0, 150, 20], "field 'boxes': has box 1 = (0, 0, 150, 20) outside the 100 x 100 image"),
+        ([0, 0, 0, 0], "field 'boxes': has box 1 = (0, 0, 0, 0), a padding box"),
+    ],
+)
+def test_implausible_rows_are_refused_naming_the_line(tmp_path, capsys, box, message):
+    images = make_images(13, [2, 2], first_id=1)
+    images[1] = TSVImage(2, 100.0, 100.0, images[1].boxes.copy(), images[1].features)
+    images[1].boxes[1] = box
+    write_original_tsv(tmp_path / "a.tsv", images)
+    code, err = run(capsys, "--input", tmp_path / "a.tsv", "--output", tmp_path / "new" / "deeper" / "out.h5")
+    assert code == 2 and f"a.tsv, line 2 (image 2), {message}" in err, err
+    # No output, and not the folders the output would have gone to either.
+    assert listing(tmp_path) == ["a.tsv"]
+
+
+def test_an_implausible_image_size_is_refused(tmp_path, capsys):
+    images = make_images(14, [2], first_id=1)
+    images[0] = TSVImage(1, 25000.0, 100.0, images[0].boxes, images[0].features)
+    write_original_tsv(tmp_path / "a.tsv", images)
+    code, err = run(capsys, "--input", tmp_path / "a.tsv", "--output", tmp_path / "out.h5")
+    assert code == 2 and "line 1 (image 1): implausible image size 25000 x 100" in err

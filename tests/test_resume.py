@@ -328,7 +328,7 @@ def test_every_n_train_steps_must_be_positive(tmp_path, capsys):
 
     args = ["--trainer.default_root_dir", str(tmp_path), "--last_checkpoint.every_n_train_steps", "0"]
     assert main(args) == 2
-    assert "every_n_train_steps 0: must be a positive number" in capsys.readouterr().err
+    assert "--last_checkpoint.every_n_train_steps: must be an integer > 0, got 0" in capsys.readouterr().err
 
 
 def test_the_synthetic_default_writes_last_ckpt_only_after_validation(capsys):

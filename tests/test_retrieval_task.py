@@ -145,7 +145,7 @@ def test_coco_protocols_need_5000_images():
     check_protocol("5k", 5000, "test")
     with pytest.raises(ValueError, match="needs the 5000 images.*has 12.*protocol: full"):
         check_protocol("1k", 12, "val")
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match=r"protocol='2k' is not one of \('full', '1k', '5k'\)"):
         RetrievalTask(protocol="2k")
 
 

@@ -220,8 +220,12 @@ def test_layout_mismatch_and_truncated_file(tmp_path):
     truncated.write_bytes(text[: len(text) - 7])
     images = iter_tsv(truncated)
     assert [next(images).image_id, next(images).image_id] == [1, 2]
-    with pytest.raises(ValueError, match="line 3, field 'features'"):
+    with pytest.raises(ValueError, match="line 3: the last line has no line end, so the file was cut off"):
         next(images)
+    # Cut inside the last field but keeping the line end: the row itself is malformed.
+    truncated.write_bytes(text[: len(text) - 7] + b"\r\n")
+    with pytest.raises(ValueError, match="line 3, field 'features'"):
+        list(iter_tsv(truncated))
 
 
 def test_detect_layout_errors(tmp_path):
@@ -235,3 +239,90 @@ def test_detect_layout_errors(tmp_path):
     other.write_text("a\tb\tc\n")
     with pytest.raises(ValueError, match="line 1: 3 tab-separated fields"):
         detect_layout(other)
+
+
+# ---------------------------------------------------------------- compressed inputs
+
+
+def _gzip(source, destination):
+    import gzip
+
+    destination.write_bytes(gzip.compress(source.read_bytes()))
+    return destination
+
+
+def _zip(destination, members: dict):
+    import zipfile
+
+    with zipfile.ZipFile(destination, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return destination
+
+
+def _same_images(left, right):
+    left, right = list(left), list(right)
+    assert [i.image_id for i in left] == [i.image_id for i in right]
+    for a, b in zip(left, right, strict=True):
+        np.testing.assert_array_equal(a.features, b.features)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        assert (a.image_w, a.image_h, a.line) == (b.image_w, b.image_h, b.line)
+
+
+def test_gzip_and_zip_inputs_read_like_the_plain_files(tmp_path):
+    first, second = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    write_original_tsv(first, random_images(seed=4, count=3))
+    write_original_tsv(second, random_images(seed=5, count=2, first_id=10))
+    plain = [*iter_tsv(first), *iter_tsv(second)]
+    gz = _gzip(first, tmp_path / "a.tsv.gz")
+    _same_images(iter_tsv(gz), iter_tsv(first))
+    assert detect_layout(gz) == "original"
+    # Members in name order, whatever their order in the archive; other members are skipped.
+    archive = _zip(
+        tmp_path / "features.zip",
+        {"part/b.tsv": second.read_bytes(), "README.txt": b"two parts", "part/a.tsv": first.read_bytes()},
+    )
+    images = list(iter_tsv(archive))
+    _same_images(images, plain)
+    assert images[0].source == f"{archive}:part/a.tsv" and images[-1].source == f"{archive}:part/b.tsv"
+    # Progress in the unit input_size() counts: bytes on disk, or uncompressed member bytes.
+    from updown.data.tsv import input_size
+
+    for path in (gz, archive):
+        counted = []
+        list(iter_tsv(path, on_bytes=counted.append))
+        assert sum(counted) == input_size(path)
+
+
+def test_damaged_archives_are_one_clear_error(tmp_path):
+    source = tmp_path / "a.tsv"
+    write_original_tsv(source, random_images(seed=6, count=3))
+    data = bytearray(_gzip(source, tmp_path / "good.tsv.gz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped = tmp_path / "flipped.tsv.gz"
+    flipped.write_bytes(bytes(data))
+    cut = tmp_path / "cut.tsv.gz"
+    cut.write_bytes(bytes(data[: len(data) // 2]))
+    for path in (flipped, cut):
+        with pytest.raises(ValueError, match=f"{path}: the archive is damaged .*Download or create it again"):
+            list(iter_tsv(path))
+    renamed = tmp_path / "plain.tsv.gz"
+    renamed.write_bytes(source.read_bytes())
+    with pytest.raises(ValueError, match="not a gzip archive"):
+        detect_layout(renamed)
+    archive = bytearray(_zip(tmp_path / "good.zip", {"a.tsv": source.read_bytes()}).read_bytes())
+    archive[60] ^= 0xFF  # inside the compressed member
+    (tmp_path / "bad.zip").write_bytes(bytes(archive))
+    with pytest.raises(ValueError, match="bad.zip:a.tsv: the archive is damaged"):
+        list(iter_tsv(tmp_path / "bad.zip"))
+    with pytest.raises(ValueError, match="holds no .tsv file \\(found notes.txt\\)"):
+        detect_layout(_zip(tmp_path / "empty.zip", {"notes.txt": b"nothing"}))
+
+
+def test_a_stray_carriage_return_is_a_malformed_row_not_a_csv_error(tmp_path):
+    path = tmp_path / "cr.tsv"
+    path.write_text(original_row() + original_row(width="6\r40"), newline="")
+    images = iter_tsv(path)
+    next(images)
+    with pytest.raises(ValueError, match="cr.tsv, line 2: new-line character seen .*The row is malformed"):
+        next(images)

@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from updown.cli import run_guarded  # noqa: E402
+from updown.config import PositiveInt, argparse_type  # noqa: E402
 from updown.data.caption_preparation import read_prepared_captions  # noqa: E402
 from updown.metrics.cider import CiderD  # noqa: E402
 
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="document-frequency file to write (default: cider_df.json, or cider_df_eos.json with "
         "--eos-as-word, beside --captions: where the SCST task looks)",
     )
-    parser.add_argument("--n", type=int, default=4, help="largest n-gram order (CIDEr-D: 4)")
+    parser.add_argument(
+        "--n", type=argparse_type(PositiveInt), default=4, help="largest n-gram order (CIDEr-D: 4)"
+    )
     parser.add_argument("--eos-as-word", action="store_true", help="append <eos> to every reference first")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --output")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -70,14 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             args.output = str(default_output(args.captions, args.eos_as_word))
         if Path(args.output).exists() and not args.force:
             raise FileExistsError(f"{args.output}: output file exists. Pass --force to overwrite it.")
-        if args.n < 1:
-            raise ValueError(f"--n {args.n}: the n-gram order must be at least 1.")
+        # Unknown split names and images listed twice are refused by the reader.
         images = read_prepared_captions(args.captions, args.split)
         references = {image.image_id: image.tokens for image in images}
-        if len(references) != len(images):
-            raise ValueError(
-                f"{args.captions}: an image id appears twice in splits {args.split}; remove the duplicate."
-            )
         cider = CiderD.from_references(
             references, n=args.n, eos_as_word=args.eos_as_word, cache_references=False
         )

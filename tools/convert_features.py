@@ -1,12 +1,17 @@
 """Convert bottom-up region features from TSV (original or LXMERT layout) to the project's HDF5 layout.
 
     python tools/convert_features.py --input trainval_36/*.tsv --output trainval_36.h5 --max-boxes 36
+    python tools/convert_features.py --input trainval_36.zip --output trainval_36.h5   # or train.tsv.gz
 
 Reads one or more TSV files (see updown/data/tsv.py for the two layouts) into one HDF5 file as described in
 docs/design.md, section 2.1: ``image_id``, ``features`` (N, max_boxes, D), ``boxes``, ``num_boxes``,
 ``image_w``, ``image_h``, plus ``objects_id``, ``objects_conf``, ``attrs_id``, ``attrs_conf`` for LXMERT files.
-Rows are streamed one at a time, so memory stays constant for files of any size. The output is written under a
-temporary name and renamed only on success; an existing output is never replaced without ``--force``.
+Inputs may be plain ``.tsv``, gzip-compressed ``.tsv.gz`` or ``.zip`` archives of ``.tsv`` files (all members,
+in name order), read as they are, without unpacking. Rows are streamed one at a time, so memory stays constant
+for files of any size. Every row must be plausible as the reader defines it (finite features and boxes, boxes
+inside the image up to a few pixels, x1 <= x2, sane image sizes): one bad row stops the conversion. The output
+is written under a temporary name and renamed only on success, so a failure leaves the previous output as it
+was and no new file (nor a new folder); an existing output is never replaced without ``--force``.
 
 Without ``--max-boxes``, a first pass reads only the ``num_boxes`` column of every file to find the largest
 box count (the 10-100 adaptive files vary per image). That pass still reads every byte, so for fixed-box
@@ -28,7 +33,8 @@ if __package__ in (None, ""):
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from updown.data.tsv import LAYOUTS, TSVImage, detect_layout, iter_tsv
+from updown.data.readers import MAX_IMAGE_SIZE, image_problem, size_problems
+from updown.data.tsv import LAYOUTS, TSVImage, detect_layout, input_size, iter_lines, iter_tsv
 from updown.data.writers import RegionFeaturesWriter
 
 # Index of num_boxes in each layout, for the cheap first pass that never decodes base64.
@@ -51,29 +57,27 @@ def scan_max_boxes(paths: Sequence[Path], layouts: Sequence[str], quiet: bool = 
     """Return the largest ``num_boxes`` over all rows, reading only that column (no base64 decoding)."""
     largest = 0
     with _progress(quiet) as progress:
-        task = progress.add_task("scanning num_boxes", total=sum(path.stat().st_size for path in paths))
+        task = progress.add_task("scanning num_boxes", total=sum(input_size(path) for path in paths))
         for path, layout in zip(paths, layouts):
             column = _NUM_BOXES_COLUMN[layout]
-            with open(path, "rb") as file:
-                for line_number, line in enumerate(file, start=1):
-                    progress.advance(task, len(line))
-                    if not line.strip():
-                        continue
-                    where = f"{path}, line {line_number}"
-                    # Counting tabs checks the row without copying its megabytes of base64.
-                    num_fields = line.count(b"\t") + 1
-                    if num_fields != len(LAYOUTS[layout]):
-                        raise ValueError(
-                            f"{where}: {num_fields} fields, expected {len(LAYOUTS[layout])} for the "
-                            f"{layout} layout. The file is malformed or truncated; regenerate or re-download it."
-                        )
-                    text = line.split(b"\t", column + 1)[column]
-                    if not text.strip().isdigit():
-                        raise ValueError(
-                            f"{where}, field 'num_boxes': {text[:20]!r} is not a box count. The file is malformed; "
-                            "regenerate or re-download it."
-                        )
-                    largest = max(largest, int(text))
+            for source, line_number, line in iter_lines(path, lambda size: progress.advance(task, size)):
+                if not line.strip():
+                    continue
+                where = f"{source}, line {line_number}"
+                # Counting tabs checks the row without copying its megabytes of base64.
+                num_fields = line.count(b"\t") + 1
+                if num_fields != len(LAYOUTS[layout]):
+                    raise ValueError(
+                        f"{where}: {num_fields} fields, expected {len(LAYOUTS[layout])} for the "
+                        f"{layout} layout. The file is malformed or truncated; regenerate or re-download it."
+                    )
+                text = line.split(b"\t", column + 1)[column]
+                if not text.strip().isdigit():
+                    raise ValueError(
+                        f"{where}, field 'num_boxes': {text[:20]!r} is not a box count. The file is malformed; "
+                        "regenerate or re-download it."
+                    )
+                largest = max(largest, int(text))
     return largest
 
 
@@ -97,7 +101,8 @@ def convert(
     """Convert TSV feature files into one region-feature HDF5 file.
 
     Args:
-        input_paths: TSV files, all of the same layout; their images are concatenated in order.
+        input_paths: TSV files (plain, ``.tsv.gz`` or ``.zip`` archives of them), all of the same layout; their
+            images are concatenated in order.
         output_path: HDF5 file to write.
         layout: ``"auto"`` (per file, from its first row), ``"original"`` or ``"lxmert"``.
         dtype: ``"float32"`` or ``"float16"`` for the stored features (boxes stay float32).
@@ -111,8 +116,9 @@ def convert(
     Raises:
         FileNotFoundError: an input is missing.
         FileExistsError: the output exists and ``force`` is False.
-        ValueError: malformed input (message names file, line and field), mixed layouts, duplicate ids,
-            feature sizes that differ between rows, or a row with more than ``max_boxes`` boxes.
+        ValueError: malformed input (message names file, line and field), a damaged archive, mixed layouts,
+            duplicate ids, feature sizes that differ between rows, a row with more than ``max_boxes`` boxes, or
+            an implausible row (:func:`updown.data.readers.image_problem`).
     """
     paths = [Path(path) for path in input_paths]
     output_path = Path(output_path)
@@ -153,9 +159,29 @@ def convert(
     if max_boxes is None:
         max_boxes = scan_max_boxes(paths, layouts, quiet)
 
+    # The writer creates the output's folder; a failure must not leave it behind either.
+    missing = [folder for folder in [output_path.parent, *output_path.parent.parents] if not folder.exists()]
+    try:
+        return _write(paths, layouts, output_path, dtype, max_boxes, force, quiet)
+    except BaseException:
+        for folder in missing:  # innermost first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def _write(
+    paths: Sequence[Path],
+    layouts: Sequence[str],
+    output_path: Path,
+    dtype: str,
+    max_boxes: int,
+    force: bool,
+    quiet: bool,
+) -> int:
     first_seen: dict[int, str] = {}
     attrs = {"source_files": "\n".join(path.name for path in paths), "source_layout": layouts[0]}
-    total_bytes = sum(path.stat().st_size for path in paths)
+    total_bytes = sum(input_size(path) for path in paths)
     with _progress(quiet) as progress:
         task = progress.add_task(f"converting to {output_path.name}", total=total_bytes)
         images = _images(paths, layouts, progress, task)
@@ -170,8 +196,8 @@ def convert(
         with RegionFeaturesWriter(
             output_path, max_boxes, feature_size, dtype, extras, force=force, attrs=attrs
         ) as writer:
-            for path, image in itertools.chain([first], images):
-                where = f"{path}, line {image.line} (image {image.image_id})"
+            for _, image in itertools.chain([first], images):
+                where = f"{image.source}, line {image.line} (image {image.image_id})"
                 if image.features.shape[1] != feature_size:
                     raise ValueError(
                         f"{where}: features are {image.features.shape[1]}-d, but earlier rows are {feature_size}-d. "
@@ -185,11 +211,28 @@ def convert(
                     raise ValueError(
                         f"{where}: image id already appeared at {first_seen[image.image_id]}. Remove the duplicate."
                     )
-                first_seen[image.image_id] = f"{path.name}, line {image.line}"
+                _check_plausible(where, image)
+                first_seen[image.image_id] = f"{Path(image.source).name}, line {image.line}"
                 writer.add(
                     image.image_id, image.features, image.boxes, image.image_w, image.image_h, **image.extras
                 )
     return writer.num_images
+
+
+def _check_plausible(where: str, image: TSVImage) -> None:
+    """Refuse a row the reader would refuse, naming its file and line (the writer would only name the output)."""
+    if any(bool(mask) for mask in size_problems(image.image_w, image.image_h).values()):
+        raise ValueError(
+            f"{where}: implausible image size {image.image_w:g} x {image.image_h:g} (expected finite, positive, at "
+            f"most {MAX_IMAGE_SIZE:g} px). The row is corrupt; regenerate or re-download the file, or remove the row."
+        )
+    problem = image_problem(image.features, image.boxes, image.image_w, image.image_h)
+    if problem is not None:
+        field, text = problem
+        raise ValueError(
+            f"{where}, field {field!r}: {text}. The row is corrupt or the detector's output is broken; "
+            "regenerate or re-download the file, or remove the row."
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n" + "\n\n".join(__doc__.split("\n\n")[1:]),
     )
     parser.add_argument(
-        "--input", nargs="+", required=True, type=Path, help="TSV feature file(s), one layout."
+        "--input",
+        nargs="+",
+        required=True,
+        type=Path,
+        help="TSV feature file(s), one layout: .tsv, .tsv.gz, or .zip archives of .tsv files.",
     )
     parser.add_argument("--output", required=True, type=Path, help="HDF5 file to write.")
     parser.add_argument(

@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from updown.cli import run_guarded  # noqa: E402
+from updown.config import argparse_type, literal_choices  # noqa: E402
 from updown.data.synthetic import SyntheticSpec, SyntheticWorld, write_raw_world  # noqa: E402
+from updown.io import atomic_outputs  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,13 +29,25 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--output", required=True, help="output folder (must not exist unless --force)")
+    # One option per SyntheticSpec field, with the field's type and range (the annotation declares them once).
+    hints = typing.get_type_hints(SyntheticSpec)
     for field in dataclasses.fields(SyntheticSpec):
         flag = "--" + field.name.replace("_", "-")
-        if field.type in ("bool", bool):
+        annotation = hints[field.name]
+        if annotation is bool:
             parser.add_argument(flag, action="store_true", help=f"(default: {field.default})")
+        elif literal_choices(annotation) is not None:
+            choices = literal_choices(annotation)
+            parser.add_argument(
+                flag, choices=choices, default=field.default, help=f"(default: {field.default})"
+            )
         else:
-            kind = {"int": int, "float": float, "str": str}[str(field.type)]
-            parser.add_argument(flag, type=kind, default=field.default, help=f"(default: {field.default})")
+            parser.add_argument(
+                flag,
+                type=argparse_type(annotation),
+                default=field.default,
+                help=f"(default: {field.default})",
+            )
     parser.add_argument(
         "--tsv", action="store_true", help="also write raw/features.tsv (original bottom-up layout)"
     )
@@ -43,15 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    spec = SyntheticSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticSpec)})
 
     def run() -> int:
+        spec = SyntheticSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticSpec)})
         output = Path(args.output)
-        if output.exists() and any(output.iterdir()) and not args.force:
+        if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.force:
             raise FileExistsError(
                 f"{output}: folder exists and is not empty. Pass --force or choose another --output."
             )
-        write_raw_world(spec, SyntheticWorld(output), tsv=args.tsv)
+        # All or nothing: the world is written into a staging folder and moved into place when complete.
+        with atomic_outputs(output, force=True) as staging:
+            write_raw_world(spec, SyntheticWorld(staging), tsv=args.tsv)
         print(f"synthetic world {spec.key()} -> {output}", file=sys.stderr)
         return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from updown.cli import run_guarded  # noqa: E402
+from updown.config import PositiveInt, argparse_type  # noqa: E402
 from updown.data.caption_preparation import load_coco_captions, load_karpathy, prepare_captions  # noqa: E402
 
 
@@ -39,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument(
-        "--min-count", type=int, default=5, help="minimum word count for the vocabulary (paper: 5)"
-    )
+        "--min-count", type=argparse_type(PositiveInt), default=5,
+        help="minimum word count for the vocabulary (paper: 5)",
+    )  # fmt: skip
     parser.add_argument("--vocabulary-splits", nargs="+", default=["train", "restval"])
     parser.add_argument("--evaluation-splits", nargs="+", default=["val", "test"])
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -67,13 +69,9 @@ def main(argv=None) -> int:
                 lists[name] = path
             images = load_coco_captions(args.coco, lists)
         output = Path(args.output)
-        existing = [p for p in ("captions.json", "vocabulary.json") if (output / p).exists()]
-        if existing and not args.force:
-            raise FileExistsError(
-                f"{output}: {existing} exist. Pass --force to overwrite, or choose another --output."
-            )
+        # All or nothing: an existing file is refused (without --force) before any is replaced.
         vocabulary = prepare_captions(
-            images, output, args.min_count, args.vocabulary_splits, args.evaluation_splits
+            images, output, args.min_count, args.vocabulary_splits, args.evaluation_splits, force=args.force
         )
         print(f"{len(images)} images, vocabulary of {len(vocabulary)} tokens -> {output}", file=sys.stderr)
         return 0

@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from updown.cli import run_guarded  # noqa: E402
+from updown.config import PositiveInt, argparse_type  # noqa: E402
 from updown.data.vqa_preparation import prepare_vqa  # noqa: E402
 
 
@@ -58,14 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument(
         "--min-answer-count",
-        type=int,
+        type=argparse_type(PositiveInt),
         default=9,
         help="questions an answer must be the most common answer of (reproduction: 9)",
     )
-    parser.add_argument("--min-word-count", type=int, default=1, help="occurrences a question word needs")
     parser.add_argument(
-        "--max-question-length", type=int, default=14, help="tokens kept per question (paper: 14)"
+        "--min-word-count",
+        type=argparse_type(PositiveInt),
+        default=1,
+        help="occurrences a question word needs",
     )
+    parser.add_argument(
+        "--max-question-length", type=argparse_type(PositiveInt), default=14,
+        help="tokens kept per question (paper: 14)",
+    )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -98,13 +105,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        for flag, value in (
-            ("--min-answer-count", args.min_answer_count),
-            ("--min-word-count", args.min_word_count),
-            ("--max-question-length", args.max_question_length),
-        ):
-            if value < 1:
-                raise ValueError(f"{flag} {value}: must be at least 1.")
         question_vocabulary, answer_vocabulary = prepare_vqa(
             parse_splits(args.split),
             args.output,

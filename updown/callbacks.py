@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from updown.checkpointing import run_seed
+from updown.config import PositiveInt, check_arguments
 from updown.io import write_json
 
 
@@ -91,12 +92,11 @@ class LastCheckpoint(ModelCheckpoint):
             validation). Each write costs about one ``torch.save`` of the model and optimizer state.
     """
 
-    def __init__(self, every_n_train_steps: int | None = None) -> None:
-        if every_n_train_steps is not None and every_n_train_steps < 1:
-            raise ValueError(
-                f"last_checkpoint.every_n_train_steps {every_n_train_steps}: must be a positive number of optimizer "
-                f"steps, or null to write last.ckpt only after validation."
-            )
+    def __init__(self, every_n_train_steps: PositiveInt | None = None) -> None:
+        arguments = check_arguments(
+            LastCheckpoint, {"every_n_train_steps": every_n_train_steps}, "last_checkpoint"
+        )
+        every_n_train_steps = arguments["every_n_train_steps"]
         super().__init__(monitor=None, save_top_k=1, filename="last", every_n_train_steps=every_n_train_steps)
         # Lightning stops saving after validation once a step interval is set; keep those saves so last.ckpt is
         # always the newest state (the end of training included).

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from updown.config import Config
+from updown.config import Config, NonNegativeFloat, PositiveInt
 
 State = dict[str, torch.Tensor]
 StepFunction = Callable[..., tuple]
@@ -81,20 +81,12 @@ class BeamSearchConfig(Config):
         repeatable_words: words exempt from ``block_repeated_words``; words not in the vocabulary are ignored.
     """
 
-    beam_size: int = 5
-    max_length: int = 20
-    length_penalty: float = 0.0
+    beam_size: PositiveInt = 5
+    max_length: PositiveInt = 20
+    length_penalty: NonNegativeFloat = 0.0
     block_trigrams: bool = False
     block_repeated_words: bool = False
     repeatable_words: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.beam_size < 1 or self.max_length < 1 or self.length_penalty < 0:
-            raise ValueError(
-                f"BeamSearchConfig: beam_size={self.beam_size} and max_length={self.max_length} must be at least 1 "
-                f"and length_penalty={self.length_penalty} at least 0."
-            )
 
 
 def state_batch_size(state: State) -> int:

@@ -12,21 +12,46 @@ with ``checkpoints/`` and the final ``metrics.json``. ``--debug`` shows tracebac
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.cli import LightningCLI
 
 from updown.callbacks import LastCheckpoint, MetricsReport
 from updown.checkpointing import with_atomic_checkpoint_io
-from updown.cli import USER_ERRORS, run_guarded
+from updown.cli import USER_ERRORS, available_devices, parse_error_message, run_guarded
+from updown.config import NonNegativeFloat, NonNegativeInt, PositiveInt, check_value, restricted_number_type
+from updown.determinism import add_threads_argument, pin_threads
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIGS / "captioning" / "synthetic.yaml"
+
+
+def raised_by_accelerator(error: BaseException) -> bool:
+    """Whether Lightning's accelerator set-up raised ``error`` (a missing GPU, the ImportError of torch_xla)."""
+    return any("accelerator" in frame.filename for frame in traceback.extract_tb(error.__traceback__))
+
+
+# Ranges of the Trainer's numeric options that Lightning does not check itself (0 gradient-accumulation batches
+# or validation every 0 epochs end in a ZeroDivisionError mid-run); declared once, checked before the Trainer is built.
+AtLeastMinusOne = restricted_number_type("AtLeastMinusOne", int, (">=", -1))
+TRAINER_RANGES = {
+    "accumulate_grad_batches": PositiveInt,
+    "check_val_every_n_epoch": PositiveInt | None,
+    "log_every_n_steps": PositiveInt | None,
+    "num_nodes": PositiveInt,
+    "min_epochs": NonNegativeInt | None,
+    "min_steps": AtLeastMinusOne | None,
+    "num_sanity_val_steps": AtLeastMinusOne | None,
+    "gradient_clip_val": NonNegativeFloat | None,
+}
 
 
 class UpDownCLI(LightningCLI):
@@ -36,7 +61,26 @@ class UpDownCLI(LightningCLI):
             callbacks = [*callbacks, RichProgressBar()]
         # Checkpoints are written to a temporary file and renamed: a run killed mid-write keeps its last good one.
         config["plugins"] = with_atomic_checkpoint_io(config.get("plugins"))
-        return super()._instantiate_trainer(config, callbacks)
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        except (MisconfigurationException, ImportError) as error:
+            if not raised_by_accelerator(error):
+                if isinstance(error, ImportError):
+                    raise
+                # A trainer option Lightning refuses (max_epochs -5, limit_val_batches -1): its message names it.
+                raise ValueError(f"trainer: {str(error).rstrip('.!')}. Fix the --trainer option.") from None
+            # An accelerator or device this machine lacks ("No supported gpu backend found!", torch_xla missing).
+            raise ValueError(
+                f"--trainer.accelerator {config.get('accelerator')} --trainer.devices {config.get('devices')}: "
+                f"{str(error).rstrip('.!')}. This machine has: {available_devices()}. Pick one of them "
+                "(--trainer.accelerator cpu)."
+            ) from None
+
+    def before_instantiate_classes(self) -> None:
+        pin_threads(self.config.get("threads"))  # before anything computes (updown.determinism)
+        trainer = self.config.get("trainer") or {}
+        for name, kind in TRAINER_RANGES.items():
+            check_value(f"--trainer.{name}", trainer.get(name), kind)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -45,6 +89,7 @@ class UpDownCLI(LightningCLI):
         )  # fmt: skip
         # `--last_checkpoint.every_n_train_steps N`: also write last.ckpt every N steps, to resume mid-epoch.
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        add_threads_argument(parser)  # --threads: fixed intra-op threads, for bit-identical reruns
 
 
 def with_default_config(args: list[str]) -> list[str]:
@@ -60,13 +105,20 @@ def build_cli(args: list[str], cli_class: type[UpDownCLI] = UpDownCLI, **kwargs)
         subclass_mode_data=True,
         run=False,
         args=args,
+        # Parse errors raise (and become one `error:` line) instead of printing the usage and a nested report.
+        parser_kwargs={"exit_on_error": False},
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [MetricsReport()]},
     )
     with warnings.catch_warnings():
         # We always pass the (default-completed) command line as args; Lightning warns whenever sys.argv is set too.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return cli_class(pl.LightningModule, pl.LightningDataModule, **{**options, **kwargs})
+        try:
+            return cli_class(pl.LightningModule, pl.LightningDataModule, **{**options, **kwargs})
+        except argparse.ArgumentError as error:
+            # A bad option or config value (a range, a type, an unknown key): jsonargparse's nested report as
+            # one `error:` line naming the option.
+            raise ValueError(parse_error_message(str(error), args)) from None
 
 
 def resolve_ckpt_path(cli: UpDownCLI) -> str | None:

@@ -30,8 +30,8 @@ Decoding is ``Trainer.predict`` of the task's ``predict_step`` (the beam search 
 overriding the checkpoint's), so it runs on the devices and precision training can use: ``--device cpu``,
 ``cuda`` or ``cuda:N``, ``--devices 4`` (DDP, one process per device), ``--precision bf16-mixed``. The writers of
 :mod:`updown.prediction` gather every process's predictions, keep one per sample, in the split's order, and write
-one file each, atomically: an existing file is refused before decoding without ``--force``, and on any error
-none is replaced and no partial file is left.
+one file each, all together (results, ``--attention``, ``--score``): an existing file is refused before decoding
+without ``--force``, and on any error, scoring included, none is replaced and no partial file is left.
 """
 
 from __future__ import annotations
@@ -45,38 +45,14 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 
 from updown.cli import run_guarded
-from updown.io import check_output_paths, write_json
+from updown.config import NonNegativeInt, PositiveInt, argparse_type
+from updown.io import check_output_paths
 
 PROG = "python -m updown.predict"
-
-
-def load_checkpoint(path: str) -> dict:
-    """The raw checkpoint dict, with a clear error for a missing or unreadable file."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found. Check the path.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a truncated or foreign file
-        raise ValueError(
-            f"{path}: not a readable PyTorch checkpoint ({error}). Use a .ckpt written by updown.fit."
-        ) from None
-
-
-def check_checkpoint_kind(checkpoint: dict, path: str, task_class: type, fix: str) -> None:
-    """Refuse a checkpoint of another task (none of ``task_class``'s vocabularies stored), before loading it."""
-    from updown.data.base import DataSpec
-
-    spec = DataSpec.from_checkpoint(checkpoint, path)
-    if spec is None or not set(task_class.vocabulary_names) <= set(spec.vocabularies):
-        names = " and ".join(task_class.vocabulary_names)
-        raise ValueError(
-            f"{path}: not a {task_class.checkpoint_kind} checkpoint (no {names} vocabulary stored). {fix}"
-        )
 
 
 def check_checkpoint_data(task, datamodule, checkpoint_path: str) -> None:
@@ -123,8 +99,13 @@ def build_trainer(args: argparse.Namespace, writer):
             callbacks=[writer, RichProgressBar()] if progress else [writer],
         )
     except (MisconfigurationException, ImportError) as error:
+        from updown.cli import available_devices
+
         flags = f"--device {args.device}" + (f" --devices {args.devices}" if args.devices is not None else "")
-        raise ValueError(f"{flags}: {error}") from None
+        raise ValueError(
+            f"{flags}: {str(error).rstrip('.!')}. This machine has: {available_devices()}. Pick one of them "
+            "(--device cpu)."
+        ) from None
 
 
 @contextlib.contextmanager
@@ -147,10 +128,27 @@ def quiet_lightning() -> Iterator[None]:
 
 
 def load_task(args: argparse.Namespace, task_class: type, fix: str):
-    """The checkpoint dict and the ``task_class`` loaded from it (a checkpoint of another task is refused)."""
-    checkpoint = load_checkpoint(args.checkpoint)
-    check_checkpoint_kind(checkpoint, args.checkpoint, task_class, fix)
-    return checkpoint, task_class.load_from_checkpoint(args.checkpoint, map_location="cpu")
+    """The checkpoint dict and the ``task_class`` loaded from it (a damaged checkpoint, or one of another task,
+    is refused naming the file)."""
+    from updown.checkpointing import load_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint, "--checkpoint", task_class=task_class, fix=fix)
+    try:
+        task = task_class.load_from_checkpoint(args.checkpoint, map_location="cpu")
+    except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as error:
+        # Hyper-parameters or weights that do not build the task: a damaged or edited checkpoint.
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [
+            type(error).__name__
+        ]
+        detail = lines[1] if isinstance(error, RuntimeError) and len(lines) > 1 else lines[0]
+        if isinstance(error, ValueError) and str(args.checkpoint) in detail:
+            raise
+        raise ValueError(
+            f"--checkpoint {args.checkpoint}: its hyper-parameters and weights do not build a "
+            f"{task_class.checkpoint_kind} model ({detail}). The checkpoint is damaged or edited; use one written "
+            "by python -m updown.fit."
+        ) from None
+    return checkpoint, task
 
 
 def run_prediction(task, datamodule, args: argparse.Namespace, writer, what: tuple[str, str]) -> list | None:
@@ -178,8 +176,6 @@ def predict_captions(args: argparse.Namespace) -> int:
         "Pass the checkpoint of a captioning run (configs/captioning/...), or use `updown.predict vqa`.",
     )  # fmt: skip
     if args.beam_size is not None:
-        if args.beam_size < 1:
-            raise ValueError(f"--beam-size {args.beam_size}: must be at least 1 (1 decodes greedily).")
         task.decoding = task.decoding.replace(beam_size=args.beam_size)
     datamodule = datamodule_from_checkpoint(
         CaptioningDataModule, checkpoint, features_h5path=args.features, captions_jsonpath=args.captions,
@@ -188,17 +184,25 @@ def predict_captions(args: argparse.Namespace) -> int:
     )  # fmt: skip
     check_checkpoint_data(task, datamodule, args.checkpoint)
     dataset = datamodule.dataset(args.split)
-    writer = CaptionWriter(args.output, task.vocabulary.tokens, attention=args.attention, force=args.force)
-    results = run_prediction(task, datamodule, args, writer, ("captions", "per-word attention"))
-    if results is not None and args.score:
-        from updown.metrics.coco_caption import score_captions
+
+    def score(results: list[dict]) -> dict:
+        from updown.metrics.coco_caption import MissingDependencyError, score_captions
 
         references = {image_id: refs for image_id, refs in zip(dataset.image_ids, dataset.references)}
-        scores, _ = score_captions(
-            references, {r["image_id"]: r["caption"] for r in results}, spice=args.spice
-        )
-        write_json(args.score, scores, force=args.force, indent=2)
-        print(json.dumps(scores, indent=2))
+        predictions = {r["image_id"]: r["caption"] for r in results}
+        try:
+            return score_captions(references, predictions, spice=args.spice)[0]
+        except MissingDependencyError as error:  # Java or the SPICE jars: nothing is written either
+            raise ValueError(f"--score: {error}") from None
+
+    # The results, attention and scores files are moved into place together, once all are written.
+    writer = CaptionWriter(
+        args.output, task.vocabulary.tokens, attention=args.attention, force=args.force,
+        score_path=args.score, score=score if args.score else None,
+    )  # fmt: skip
+    results = run_prediction(task, datamodule, args, writer, ("captions", "per-word attention"))
+    if results is not None and args.score:
+        print(json.dumps(writer.scores, indent=2))
     return 0
 
 
@@ -224,19 +228,34 @@ def predict_vqa(args: argparse.Namespace) -> int:
             f"{args.output} to the evaluation server."
         )
     questions = {q.question_id: q.question for q in dataset.questions}
-    writer = AnswerWriter(args.output, questions, attention=args.attention, force=args.force)
-    results = run_prediction(task, datamodule, args, writer, ("answers", "question attention"))
-    if results is not None and args.score:
+
+    def score(results: list[dict]) -> dict:
         from updown.io import read_json
         from updown.metrics.vqa_accuracy import evaluate_vqa
 
-        questions = read_json(datamodule.questions_jsonpath(args.split), "VQA questions JSON")
-        scores = evaluate_vqa(
-            questions, read_json(annotations, "VQA annotations JSON"), results, task.hparams.normalization
+        official = read_json(datamodule.questions_jsonpath(args.split), "VQA questions JSON")
+        return evaluate_vqa(
+            official, read_json(annotations, "VQA annotations JSON"), results, task.hparams.normalization
         )
-        write_json(args.score, scores, force=args.force, indent=2)
+
+    # The results, attention and scores files are moved into place together, once all are written.
+    writer = AnswerWriter(
+        args.output, questions, attention=args.attention, force=args.force,
+        score_path=args.score, score=score if args.score else None,
+    )  # fmt: skip
+    results = run_prediction(task, datamodule, args, writer, ("answers", "question attention"))
+    if results is not None and args.score:
+        scores = writer.scores
         print(json.dumps({"overall": scores["overall"], "perAnswerType": scores["perAnswerType"]}, indent=2))
     return 0
+
+
+def devices_argument(text: str) -> str:
+    """``--devices``: a count (``2``; ``-1``: all), ``auto``, or a list of device indices (``0,1``), as Lightning takes."""
+    value = text.strip()
+    if value in ("auto", "-1") or re.fullmatch(r"[1-9]\d*", value) or re.fullmatch(r"\d+(,\d+)*,?", value):
+        return value
+    raise argparse.ArgumentTypeError(f"expected a count of devices, 'auto' or a list like 0,1 (got {text!r})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--score", metavar="JSON", help="also score against the split's references, write scores here"
     )
     captions.add_argument("--spice", default="off", choices=("auto", "on", "off"), help="SPICE with --score")
-    captions.add_argument("--beam-size", type=int, default=None, help="override the checkpoint's beam size")
+    captions.add_argument(
+        "--beam-size", type=argparse_type(PositiveInt), default=None,
+        help="override the checkpoint's beam size (1 decodes greedily)",
+    )  # fmt: skip
     captions.add_argument(
         "--features", nargs="+", help="region-feature HDF5 file(s) instead of the checkpoint's"
     )
@@ -274,14 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--prepared", help="folder of tools/prepare_vqa.py instead of the checkpoint's")
     vqa.set_defaults(handler=predict_vqa)
     for sub in (captions, vqa):
-        sub.add_argument("--batch-size", type=int, default=50, help="images per batch")
-        sub.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+        sub.add_argument("--batch-size", type=argparse_type(PositiveInt), default=50, help="images per batch")
+        sub.add_argument(
+            "--num-workers", type=argparse_type(NonNegativeInt), default=0, help="DataLoader workers"
+        )
         sub.add_argument(
             "--device", default="cuda" if torch.cuda.is_available() else "cpu",
             help="cpu, cuda (or gpu), cuda:N for GPU N alone, or another Lightning accelerator (default: cuda if any)",
         )  # fmt: skip
         sub.add_argument(
-            "--devices", help="devices of --device to use (default 1; N, 'auto', or a list like 0,1): more than one "
+            "--devices", type=devices_argument, help="devices of --device to use (default 1; N, 'auto', or a list like 0,1): more than one "
             "runs DDP, one process per device, and still writes one file",
         )  # fmt: skip
         sub.add_argument(

@@ -4,15 +4,15 @@ Each predicted batch (the dict of columns a task's ``predict_step`` returns, one
 into per-sample records on the CPU, each tagged with its dataset index. At the end of the epoch the records of
 every rank are gathered on global rank 0, which keeps one record per sample id (the distributed sampler can
 give a sample to two ranks) in dataset order and writes the results JSON and, when asked, the attention
-HDF5. The files are written together and atomically: on any error neither replaces an existing file and no
+HDF5, and the scores of the results when asked (``score``). The files are written together, all or nothing
+(:func:`~updown.io.atomic_outputs`): on any error, scoring included, none replaces an existing file and no
 partial file is left. The formats are in the docstring of :mod:`updown.predict`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from updown.io import atomic_output
+from updown.io import atomic_outputs
 from updown.tasks.distributed import gather_outputs
 
 # Rows of an attention file filled per HDF5 write (bounds the memory of the padded blocks).
@@ -33,7 +33,10 @@ class PredictionWriter(BasePredictionWriter):
     Args:
         output: the results JSON (``[{id_key: int, result_key: str}]``).
         attention: the attention HDF5 (None: not written, and no attention is kept in memory).
-        force: replace existing files (otherwise :func:`~updown.io.atomic_output` refuses them).
+        force: replace existing files (otherwise :func:`~updown.io.atomic_outputs` refuses them).
+        score_path: the scores JSON of the results (None: not scored).
+        score: computes the scores from the results (``[{id_key, result_key}]``), on global rank 0, before any
+            file is moved into place, so a failed scoring leaves no results file either.
     """
 
     #: The sample id of a record, what repeats are dropped by (``image_id`` / ``question_id``).
@@ -43,9 +46,19 @@ class PredictionWriter(BasePredictionWriter):
     #: Columns of a prediction that only the attention file needs.
     attention_keys: ClassVar[tuple[str, ...]]
 
-    def __init__(self, output: str, attention: str | None = None, force: bool = False) -> None:
+    def __init__(
+        self,
+        output: str,
+        attention: str | None = None,
+        force: bool = False,
+        score_path: str | None = None,
+        score: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__("batch")
         self.output, self.attention, self.force = output, attention, force
+        self.score_path, self.score = score_path, score
+        #: The scores written to ``score_path`` (rank 0, after the epoch).
+        self.scores: dict[str, Any] | None = None
         self._records: list[dict[str, Any]] = []
         #: After the epoch, on global rank 0: one record per sample, in dataset order (None elsewhere).
         self.records: list[dict[str, Any]] | None = None
@@ -88,13 +101,21 @@ class PredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         self.records = unique_in_dataset_order(gathered, self.id_key)
-        with contextlib.ExitStack() as stack:
-            # Renamed into place only when every file is complete (the stack exits on the first error).
-            output = stack.enter_context(atomic_output(self.output, force=self.force))
+        score_path = self.score_path if self.score is not None else None
+        # Moved into place only when every file is complete, the scores included.
+        with atomic_outputs([self.output, self.attention, score_path], force=self.force) as (
+            output,
+            attention,
+            scores,
+        ):
             with open(output, "w", encoding="utf-8") as f:
                 json.dump(self.results, f)
-            if self.attention:
-                self.write_attention(stack.enter_context(atomic_output(self.attention, force=self.force)))
+            if attention is not None:
+                self.write_attention(attention)
+            if scores is not None:
+                self.scores = self.score(self.results)
+                with open(scores, "w", encoding="utf-8") as f:
+                    json.dump(self.scores, f, indent=2)
 
     def write_attention(self, path) -> None:
         """Write the attention HDF5 of ``self.records`` to ``path``."""
@@ -112,9 +133,9 @@ class CaptionWriter(PredictionWriter):
     attention_keys = ("tokens", "lengths", "attention", "num_boxes", "boxes")
 
     def __init__(
-        self, output: str, vocabulary: Sequence[str], attention: str | None = None, force: bool = False
+        self, output: str, vocabulary: Sequence[str], attention: str | None = None, **kwargs
     ) -> None:
-        super().__init__(output, attention, force)
+        super().__init__(output, attention, **kwargs)
         self.vocabulary = list(vocabulary)
 
     def write_attention(self, path) -> None:
@@ -159,9 +180,9 @@ class AnswerWriter(PredictionWriter):
     attention_keys = ("image_id", "attention", "num_boxes", "boxes")
 
     def __init__(
-        self, output: str, questions: Mapping[int, str], attention: str | None = None, force: bool = False
+        self, output: str, questions: Mapping[int, str], attention: str | None = None, **kwargs
     ) -> None:
-        super().__init__(output, attention, force)
+        super().__init__(output, attention, **kwargs)
         self.questions = questions
 
     def write_attention(self, path) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
+from updown.config import NonNegativeInt, PositiveInt, check_arguments
 from updown.data.readers import RegionFeatures
 from updown.data.samplers import ResumableTrainingOrder
 from updown.data.synthetic import SyntheticSpec, SyntheticWorld, ensure_synthetic_world
@@ -140,9 +141,9 @@ class RegionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
         train_splits: list[str] | None = None,
         val_split: str = "val",
         test_split: str = "test",
-        batch_size: int = 20,
-        eval_batch_size: int = 50,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 20,
+        eval_batch_size: PositiveInt = 50,
+        num_workers: NonNegativeInt = 0,
         in_memory: bool = False,
         data_root: str | None = None,
         synthetic: SyntheticSpec | None = None,
@@ -150,16 +151,14 @@ class RegionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
         super().__init__()
         # Stored in checkpoints (with the subclass's arguments), so prediction finds the data a checkpoint used.
         self.save_hyperparameters()
-        if batch_size < 1 or eval_batch_size < 1 or num_workers < 0:
-            raise ValueError(
-                f"data: batch_size={batch_size} and eval_batch_size={eval_batch_size} must be at least 1 and "
-                f"num_workers={num_workers} at least 0."
-            )
+        # Every argument's range, as its annotation declares it (PositiveInt, ...): what LightningCLI checks at
+        # parse time, checked here for datamodules built from Python (subclasses' arguments included).
+        self.hparams.update(check_arguments(type(self), dict(self.hparams), "data.init_args"))
         self.features_h5path = features_h5path
         self.train_splits = list(train_splits or self.default_train_splits)
         self.val_split, self.test_split = val_split, test_split
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.in_memory = num_workers, in_memory
+        self.batch_size, self.eval_batch_size = self.hparams.batch_size, self.hparams.eval_batch_size
+        self.num_workers, self.in_memory = self.hparams.num_workers, in_memory
         self.data_root = data_root
         # Checkpoints store the spec as a plain dict.
         self.synthetic = SyntheticSpec(**synthetic) if isinstance(synthetic, dict) else synthetic

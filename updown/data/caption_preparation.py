@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from updown.data.vocabulary import Vocabulary, tokenize_caption
-from updown.io import read_json, write_json
+from updown.io import atomic_outputs, read_json, write_json
 
 
 @dataclass
@@ -45,15 +45,12 @@ def load_karpathy(dataset_jsonpath: str | os.PathLike) -> list[ImageCaptions]:
     position_of: dict[int, int] = {}
     for position, image in enumerate(data["images"]):
         try:
-            image_id = int(image["cocoid"])
-            split = str(image["split"])
-            sentences = image["sentences"]
-            raws = [str(s["raw"]) for s in sentences]
-            tokens = [list(s["tokens"]) if s.get("tokens") else tokenize_caption(s["raw"]) for s in sentences]
+            image_id, split, raws, tokens = _karpathy_image(image)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(
-                f"{dataset_jsonpath}: images[{position}] lacks a valid field ({error!r}); each image needs 'cocoid', "
-                "'split' and 'sentences' with 'raw'. Use the original dataset_coco.json."
+                f"{dataset_jsonpath}: images[{position}] lacks a valid field ({error!r}); each image needs an integer "
+                "'cocoid', a string 'split' and 'sentences' with a string 'raw' (and 'tokens', a list of strings). "
+                "Use the original dataset_coco.json."
             ) from None
         # A repeated image would be trained on twice and scored twice (in two splits, a train/test leak).
         if image_id in position_of:
@@ -65,6 +62,27 @@ def load_karpathy(dataset_jsonpath: str | os.PathLike) -> list[ImageCaptions]:
         _check_captions(image_id, raws, tokens, f"{dataset_jsonpath}: image {image_id} (images[{position}])")
         images.append(ImageCaptions(image_id, split, raws, tokens))
     return images
+
+
+def _karpathy_image(image) -> tuple[int, str, list[str], list[list[str]]]:
+    """The id, split, raw captions and tokens of one entry of Karpathy's ``images``; a wrong type is an error
+    (a float id or a number as a caption would silently become another image or another caption)."""
+    image_id, split, sentences = image["cocoid"], image["split"], image["sentences"]
+    if not isinstance(image_id, int) or isinstance(image_id, bool):
+        raise TypeError(f"cocoid {image_id!r} is not an integer")
+    if not isinstance(split, str) or not isinstance(sentences, list):
+        raise TypeError("'split' must be a string and 'sentences' a list")
+    raws, tokens = [], []
+    for sentence in sentences:
+        raw, words = sentence["raw"], sentence.get("tokens")
+        if not isinstance(raw, str):
+            raise TypeError(f"raw caption {raw!r} is not a string")
+        if words and not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
+            raise TypeError(f"tokens {words!r} are not a list of strings")
+        raws.append(raw)
+        # Karpathy's tokens where the file has them; the same tokenisation of the raw string otherwise.
+        tokens.append(list(words) if words else tokenize_caption(raw))
+    return image_id, split, raws, tokens
 
 
 def _check_captions(image_id: int, raws: list[str], tokens: list[list[str]], where: str) -> None:
@@ -115,12 +133,13 @@ def load_coco_captions(
                 f"{path}: expected COCO caption annotations (an object with an 'annotations' list)."
             )
         for annotation in data["annotations"]:
-            try:
-                image_id, caption = int(annotation["image_id"]), str(annotation["caption"])
-            except (KeyError, TypeError, ValueError):
+            image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
+            caption = annotation.get("caption") if isinstance(annotation, dict) else None
+            if not isinstance(image_id, int) or isinstance(image_id, bool) or not isinstance(caption, str):
                 raise ValueError(
-                    f"{path}: an annotation lacks 'image_id' or 'caption': {annotation!r}."
-                ) from None
+                    f"{path}: an annotation lacks an integer 'image_id' or a string 'caption': {annotation!r}. "
+                    "Use the official COCO captions file."
+                )
             captions.setdefault(image_id, []).append(caption)
             source.setdefault(image_id, path)
     images = []
@@ -196,56 +215,100 @@ def prepare_captions(
             f"No captions in the vocabulary splits {list(vocabulary_splits)}; cannot build a vocabulary."
         )
     vocabulary = Vocabulary.from_counts(counts, min_count)
-    # Check every output can be written before writing any, so a bad split leaves no partial set.
     by_split = {s: [i for i in images if i.split == s] for s in evaluation_splits}
-    write_json(
-        output_dir / "captions.json",
-        {
-            "images": [
-                {"image_id": i.image_id, "split": i.split, "captions": i.captions, "tokens": i.tokens}
-                for i in images
-            ]
-        },
-        force=force,
-    )
-    vocabulary.save(output_dir / "vocabulary.json")
-    for split, split_images in by_split.items():
-        if split_images:
-            write_json(output_dir / f"references_{split}.json", coco_references(split_images), force=force)
+    # All or nothing: the files go to a staging folder and move into output_dir together.
+    with atomic_outputs(output_dir, force=force) as staging:
+        write_json(
+            staging / "captions.json",
+            {
+                "images": [
+                    {"image_id": i.image_id, "split": i.split, "captions": i.captions, "tokens": i.tokens}
+                    for i in images
+                ]
+            },
+        )
+        vocabulary.save(staging / "vocabulary.json")
+        for split, split_images in by_split.items():
+            if split_images:
+                write_json(staging / f"references_{split}.json", coco_references(split_images))
     return vocabulary
+
+
+# Karpathy's extra training images: absent from files prepared from COCO split lists (and from the synthetic
+# world), so asking for it beside other splits (the default training splits, train + restval) is no error.
+OPTIONAL_SPLITS = ("restval",)
 
 
 def read_prepared_captions(
     captions_jsonpath: str | os.PathLike, splits: Sequence[str]
 ) -> list[ImageCaptions]:
-    """The images of ``splits`` from a prepared ``captions.json``.
+    """The images of ``splits`` from a prepared ``captions.json``, checked.
+
+    Every split asked for must be in the file (``restval`` may be missing when other splits are asked for too),
+    every image must appear once in the whole file, and each image needs as many token lists as captions, none
+    empty.
 
     Raises:
-        ValueError: malformed file, or no image in the requested splits.
+        ValueError: malformed file, an unknown split, an image listed twice, captions and tokens of different
+            lengths, or a caption without tokens.
     """
+    hint = "Write the file with tools/prepare_captions.py."
     data = read_json(captions_jsonpath, "prepared captions JSON")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(
             f"{captions_jsonpath}: expected an object with an 'images' list. Write it with tools/prepare_captions.py."
         )
-    images = []
+    images, position_of, present = [], {}, {}
     for position, item in enumerate(data["images"]):
-        try:
-            image = ImageCaptions(
-                int(item["image_id"]), str(item["split"]), list(item["captions"]), list(item["tokens"])
-            )
-        except (KeyError, TypeError, ValueError):
+        image = _prepared_image(item)
+        if image is None:
             raise ValueError(
-                f"{captions_jsonpath}: images[{position}] lacks 'image_id', 'split', 'captions' or 'tokens'. "
-                "Write the file with tools/prepare_captions.py."
-            ) from None
-        if image.split in splits:
-            if not image.tokens or any(not t for t in image.tokens):
-                raise ValueError(
-                    f"{captions_jsonpath}: image {image.image_id} has a caption with no tokens. "
-                    "Fix or drop that caption and prepare again."
-                )
-            images.append(image)
-    if not images:
-        raise ValueError(f"{captions_jsonpath}: no images in split(s) {list(splits)}. Check the split names.")
+                f"{captions_jsonpath}: images[{position}] lacks 'image_id', 'split', 'captions' or 'tokens' (an "
+                f"integer, a string, a list of strings and a list of lists of strings). {hint}"
+            )
+        if image.image_id in position_of:
+            raise ValueError(
+                f"{captions_jsonpath}: image {image.image_id} is listed twice (images[{position_of[image.image_id]}] "
+                f"and images[{position}]); each image must appear once, in one split. Prepare the captions again."
+            )
+        position_of[image.image_id] = position
+        present[image.split] = present.get(image.split, 0) + 1
+        if image.split not in splits:
+            continue
+        if len(image.tokens) != len(image.captions):
+            raise ValueError(
+                f"{captions_jsonpath}: image {image.image_id} has {len(image.captions)} captions but "
+                f"{len(image.tokens)} token lists; they must correspond one to one. Prepare the captions again."
+            )
+        if not image.tokens or any(not t for t in image.tokens):
+            raise ValueError(
+                f"{captions_jsonpath}: image {image.image_id} has a caption with no tokens. "
+                "Fix or drop that caption and prepare again."
+            )
+        images.append(image)
+    unknown = [s for s in dict.fromkeys(splits) if s not in present]
+    optional = [s for s in unknown if s in OPTIONAL_SPLITS and len(unknown) < len(set(splits))]
+    unknown = [s for s in unknown if s not in optional]
+    if unknown:
+        have = ", ".join(f"{s} ({n} image{'s' if n != 1 else ''})" for s, n in present.items()) or "none"
+        raise ValueError(
+            f"{captions_jsonpath}: no split {', '.join(repr(s) for s in unknown)}; the file has the splits {have}. "
+            "Check the split name (--data.init_args.val_split, test_split, train_splits, or --split)."
+        )
     return images
+
+
+def _prepared_image(item) -> ImageCaptions | None:
+    """One entry of a prepared ``captions.json``, or None when a field is missing or of the wrong type."""
+    if not isinstance(item, dict):
+        return None
+    image_id, split, captions, tokens = (item.get(k) for k in ("image_id", "split", "captions", "tokens"))
+    if not isinstance(image_id, int) or isinstance(image_id, bool) or not isinstance(split, str):
+        return None
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        return None
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, list) and all(isinstance(w, str) for w in t) for t in tokens
+    ):
+        return None
+    return ImageCaptions(image_id, split, list(captions), [list(t) for t in tokens])

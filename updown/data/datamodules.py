@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from updown.config import PositiveInt
 from updown.data.base import DataSpec, RegionDataModule, datamodule_from_checkpoint
 from updown.data.caption_preparation import ImageCaptions, read_prepared_captions
 from updown.data.datasets import CaptionEvaluationDataset, CaptionTrainingDataset
@@ -35,7 +36,7 @@ class CaptionFilesDataModule(RegionDataModule):
         self,
         captions_jsonpath: str | None = None,
         vocabulary_path: str | None = None,
-        max_caption_length: int = 20,
+        max_caption_length: PositiveInt = 20,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -48,11 +49,9 @@ class CaptionFilesDataModule(RegionDataModule):
             raise ValueError(
                 "data: features_h5path needs captions_jsonpath and vocabulary_path (from tools/prepare_captions.py)."
             )
-        if max_caption_length < 1:
-            raise ValueError(f"data: max_caption_length={max_caption_length} must be at least 1.")
         self.captions_jsonpath = captions_jsonpath
         self.vocabulary_path = vocabulary_path
-        self.max_caption_length = max_caption_length
+        self.max_caption_length = self.hparams.max_caption_length
         self._vocabulary: Vocabulary | None = None
 
     def use_synthetic_world(self, world: SyntheticWorld) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from updown.config import PositiveInt
 from updown.data.caption_preparation import ImageCaptions
 from updown.data.datamodules import CaptionFilesDataModule
 from updown.data.datasets import collate_regions, pad_sequences
@@ -157,10 +158,10 @@ class RetrievalDataModule(CaptionFilesDataModule):
 
     def __init__(
         self,
-        captions_per_image: int = 5,
-        max_caption_length: int = 64,
-        batch_size: int = 128,
-        eval_batch_size: int = 100,
+        captions_per_image: PositiveInt = 5,
+        max_caption_length: PositiveInt = 64,
+        batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 100,
         **kwargs,
     ) -> None:
         super().__init__(
@@ -169,9 +170,7 @@ class RetrievalDataModule(CaptionFilesDataModule):
             eval_batch_size=eval_batch_size,
             **kwargs,
         )
-        if captions_per_image < 1:
-            raise ValueError(f"data: captions_per_image={captions_per_image} must be at least 1 (COCO: 5).")
-        self.captions_per_image = captions_per_image
+        self.captions_per_image = self.hparams.captions_per_image
 
     def build_train_dataset(self, splits: list[str]) -> RetrievalPairDataset:
         return RetrievalPairDataset(

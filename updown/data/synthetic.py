@@ -21,9 +21,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from updown.config import Config, NonNegativeFloat, NonNegativeInt, PositiveInt
 from updown.data.synthetic_scenes import (
     CATEGORIES,
     COLOURS,
@@ -36,15 +38,18 @@ from updown.data.synthetic_scenes import (
 )
 from updown.data.vocabulary import tokenize_caption
 from updown.data.writers import RegionFeaturesWriter
-from updown.io import atomic_output, write_json
+from updown.io import atomic_outputs, write_json
 
 # Bump when the generated content or layout changes, so old caches are not reused.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 5
 SPLITS = ("train", "val", "test")
 
 
+FeatureDtype = Literal["float16", "float32"]
+
+
 @dataclass(frozen=True)
-class SyntheticSpec:
+class SyntheticSpec(Config):
     """Parameters of a synthetic world; equal specs give byte-identical worlds.
 
     Attributes:
@@ -59,17 +64,25 @@ class SyntheticSpec:
         noise: standard deviation of the feature noise.
     """
 
-    seed: int = 0
-    num_train: int = 1500
-    num_val: int = 200
-    num_test: int = 200
-    feature_size: int = 2048
-    min_boxes: int = 10
-    max_boxes: int = 36
+    seed: NonNegativeInt = 0
+    num_train: PositiveInt = 1500
+    num_val: NonNegativeInt = 200
+    num_test: NonNegativeInt = 200
+    feature_size: PositiveInt = 2048
+    min_boxes: PositiveInt = 10
+    max_boxes: PositiveInt = 36
     grid: bool = False
-    grid_size: int = 6
-    feature_dtype: str = "float16"
-    noise: float = 0.5
+    grid_size: PositiveInt = 6
+    feature_dtype: FeatureDtype = "float16"
+    noise: NonNegativeFloat = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_boxes > self.max_boxes:
+            raise ValueError(
+                f"SyntheticSpec: min_boxes={self.min_boxes} is above max_boxes={self.max_boxes}. Lower min_boxes "
+                "or raise max_boxes."
+            )
 
     def key(self) -> str:
         """A short name that changes whenever any parameter (or the format) changes."""
@@ -299,7 +312,8 @@ def write_raw_world(
                 questions[split].append(
                     {"image_id": image_id, "question": q.question, "question_id": question_id}
                 )
-                majority = max(set(q.answers), key=lambda a: (q.answers.count(a), a == q.answers[0]))
+                # A tie goes to the answer listed first, not to set order (which changes with PYTHONHASHSEED).
+                majority = max(q.answers, key=q.answers.count)
                 annotations[split].append(
                     {
                         "question_type": q.question_type,
@@ -397,17 +411,14 @@ def ensure_synthetic_world(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if done.exists():
             return world
-        staging = SyntheticWorld(root / f".{spec.key()}.tmp-{os.getpid()}")
-        shutil.rmtree(staging.root, ignore_errors=True)
-        try:
+        # A folder without DONE is what an older, interrupted version left: start again.
+        shutil.rmtree(world.root, ignore_errors=True)
+        # Written into a staging folder renamed into place when complete: a half-written world is never visible.
+        with atomic_outputs(world.root) as staging_root:
+            staging = SyntheticWorld(staging_root)
             write_raw_world(spec, staging, progress=progress)
             images = load_karpathy(staging.dataset_coco_jsonpath)
             prepare_captions(images, staging.captions_dir)
             _write_cider_document_frequencies(images, staging.captions_dir)
-            with atomic_output(staging.root / "DONE") as tmp:
-                tmp.write_text(json.dumps(dataclasses.asdict(spec)))
-            shutil.rmtree(world.root, ignore_errors=True)
-            os.rename(staging.root, world.root)
-        finally:
-            shutil.rmtree(staging.root, ignore_errors=True)
+            write_json(staging.root / "DONE", dataclasses.asdict(spec))
     return world

@@ -9,7 +9,10 @@ buffers (docs/data.md, 'Converting bottom-up TSV files'):
   image ids are strings such as ``COCO_train2014_000000132417``, and each box also carries a Visual Genome
   object id / attribute id with their confidences, kept here as ``extras``.
 
-:func:`iter_tsv` streams rows one at a time, so memory stays constant however large the file is.
+:func:`iter_tsv` streams rows one at a time, so memory stays constant however large the file is. It reads
+plain ``.tsv`` files, gzip-compressed ones (``.tsv.gz``) and ``.zip`` archives of TSV files (every ``.tsv``
+member, in name order) as they are, decompressing while it reads; the kind is told by the first bytes. A
+damaged archive (a failed CRC, a cut-off stream) is one ``ValueError`` naming the file.
 :func:`write_original_tsv` writes the original layout, which lets the synthetic world exercise the same
 conversion path as real data.
 """
@@ -19,9 +22,13 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import gzip
 import os
 import re
+import struct
 import sys
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +57,15 @@ _PREFIXED_ID = re.compile(r"^[A-Za-z]\w*_(\d+)$")
 # Rows hold megabytes of base64; the csv module's default limit (128 KiB) would reject them.
 csv.field_size_limit(sys.maxsize)
 
+GZIP_MAGIC = b"\x1f\x8b"
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+# What reading a damaged gzip or zip archive raises: a failed CRC or length (gzip.BadGzipFile, an OSError, and
+# zipfile.BadZipFile), a cut-off or garbled stream (EOFError, zlib.error), damaged headers (struct.error,
+# ValueError), or flags the damage turned on (RuntimeError: "encrypted"; NotImplementedError: compression).
+ARCHIVE_ERRORS = (
+    OSError, EOFError, zlib.error, zipfile.BadZipFile, struct.error, ValueError, RuntimeError, NotImplementedError,
+)  # fmt: skip
+
 
 @dataclass
 class TSVImage:
@@ -63,6 +79,7 @@ class TSVImage:
         features: ``(num_boxes, D)`` float32 region features.
         extras: per-box ``(num_boxes,)`` arrays (LXMERT: objects_id, objects_conf, attrs_id, attrs_conf).
         line: 1-based line of the row in its file (0 when the image was not read from a file).
+        source: the file it was read from: the path, or ``ARCHIVE.zip:MEMBER.tsv`` for a zip member.
     """
 
     image_id: int
@@ -72,6 +89,7 @@ class TSVImage:
     features: np.ndarray
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     line: int = 0
+    source: str = ""
 
     @property
     def num_boxes(self) -> int:
@@ -142,20 +160,170 @@ def decode_base64_array(text: str, dtype: str | np.dtype, shape: tuple[int, ...]
     return values.reshape(shape).astype(np.dtype(dtype).newbyteorder("="), copy=True)
 
 
-def _read_rows(path: Path, on_bytes: Callable[[int], None] | None) -> Iterator[tuple[int, list[str]]]:
-    """Yield ``(line_number, fields)`` for each non-empty row, reporting bytes read to ``on_bytes``."""
+def _archive_kind(path: Path) -> str:
+    """``"gzip"``, ``"zip"`` or ``"plain"``, from the file's first bytes; a ``.gz`` / ``.zip`` name must match."""
+    with open(path, "rb") as file:
+        magic = file.read(4)
+    if magic[:2] == GZIP_MAGIC:
+        return "gzip"
+    if magic in ZIP_MAGICS:
+        return "zip"
+    expected = {".gz": "gzip", ".zip": "zip"}.get(path.suffix.lower())
+    if expected is not None:
+        raise ValueError(
+            f"{path}: not a {expected} archive (it starts with {magic!r}): the file is damaged, cut off or "
+            "misnamed. Download or create it again."
+        )
+    return "plain"
 
-    def lines() -> Iterator[str]:
+
+def _damaged_archive(where: str, error: BaseException) -> ValueError:
+    return ValueError(
+        f"{where}: the archive is damaged ({type(error).__name__}: {error}). Download or create it again."
+    )
+
+
+def _guarded(where: str, lines: Iterable[bytes]) -> Iterator[bytes]:
+    """``lines`` of an archive member, with the archive's own errors turned into one clear ValueError."""
+    iterator = iter(lines)
+    while True:
+        try:
+            line = next(iterator)
+        except StopIteration:
+            return
+        except ARCHIVE_ERRORS as error:
+            raise _damaged_archive(where, error) from None
+        yield line
+
+
+def _terminated(where: str, lines: Iterable[bytes]) -> Iterator[bytes]:
+    """``lines``, refusing a last line without a line end: every tool writes one, so the file was cut off."""
+    number = 0
+    for number, line in enumerate(lines, start=1):  # noqa: B007 (the count is read after the loop)
+        if not line.endswith(b"\n") and line.strip():
+            raise ValueError(
+                f"{where}, line {number}: the last line has no line end, so the file was cut off (truncated) "
+                "mid-row. Download, copy or create it again."
+            )
+        yield line
+
+
+def _sources(path: Path, on_bytes: Callable[[int], None] | None) -> Iterator[tuple[str, Iterator[bytes]]]:
+    """``(where, raw lines)`` of each TSV in ``path``: the file itself, its gzip stream, or each ``.tsv`` member
+    of a zip archive in name order. ``on_bytes`` counts the units of :func:`input_size`."""
+    report = on_bytes or (lambda size: None)
+    kind = _archive_kind(path)
+    if kind == "plain":
         with open(path, "rb") as file:
-            for raw in file:
-                if on_bytes is not None:
-                    on_bytes(len(raw))
-                yield raw.decode("ascii", errors="replace")
+            yield str(path), _terminated(str(path), (report(len(line)) or line for line in file))
+    elif kind == "gzip":
+        with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as stream:
 
-    reader = csv.reader(lines(), delimiter="\t")
-    for fields in reader:
-        if fields:
-            yield reader.line_num, fields
+            def lines() -> Iterator[bytes]:
+                position = 0
+                for line in stream:
+                    # Progress in compressed bytes, the unit of the file's size on disk.
+                    report(raw.tell() - position)
+                    position = raw.tell()
+                    yield line
+
+            yield str(path), _terminated(str(path), _guarded(str(path), lines()))
+    else:
+        try:
+            archive = zipfile.ZipFile(path)
+        except ARCHIVE_ERRORS as error:
+            raise _damaged_archive(str(path), error) from None
+        with archive:
+            for info in _zip_tsv_members(path, archive):
+                where = f"{path}:{info.filename}"
+                try:
+                    member = archive.open(info)
+                except ARCHIVE_ERRORS as error:
+                    raise _damaged_archive(where, error) from None
+                with member:
+                    lines = (report(len(line)) or line for line in member)
+                    yield where, _terminated(where, _guarded(where, lines))
+
+
+def _zip_members(path: Path, archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """The ``.tsv`` members of a zip archive, in name order (other members are skipped)."""
+    # A damaged length in the central directory can swallow the entries after it, which zipfile then does not
+    # list: compare with the count the end record states.
+    with open(path, "rb") as file:
+        end_record = zipfile._EndRecData(file)
+    if end_record is not None and end_record[zipfile._ECD_ENTRIES_TOTAL] != len(archive.infolist()):
+        raise zipfile.BadZipFile(
+            f"its directory states {end_record[zipfile._ECD_ENTRIES_TOTAL]} entries, but "
+            f"{len(archive.infolist())} could be read"
+        )
+    infos = [info for info in archive.infolist() if not info.is_dir()]
+    members = sorted((i for i in infos if i.filename.lower().endswith(".tsv")), key=lambda i: i.filename)
+    others = [info for info in infos if not info.filename.lower().endswith(".tsv")]
+    for info in others:
+        # Opening a member checks its local header against the directory, so a damaged name that turned a
+        # .tsv member into a skipped one is an error, not a silently missing file.
+        archive.open(info).close()
+    return members
+
+
+def _zip_tsv_members(path: Path, archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """:func:`_zip_members`, with a damaged archive and one without a ``.tsv`` member as clear errors."""
+    try:
+        members = _zip_members(path, archive)
+        names = [info.filename for info in archive.infolist()[:5]]
+    except ARCHIVE_ERRORS as error:
+        raise _damaged_archive(str(path), error) from None
+    if not members:
+        raise ValueError(
+            f"{path}: the zip archive holds no .tsv file (found {', '.join(names) or 'nothing'}). Point to an "
+            "archive of TSV feature files."
+        )
+    return members
+
+
+def input_size(path: str | os.PathLike) -> int:
+    """The size progress is counted in for ``path``: bytes on disk, or for a zip archive the uncompressed
+    bytes of its ``.tsv`` members (a zip member's compressed position is not exposed)."""
+    path = _check_path(path)
+    if _archive_kind(path) != "zip":
+        return path.stat().st_size
+    try:
+        archive = zipfile.ZipFile(path)
+    except ARCHIVE_ERRORS as error:
+        raise _damaged_archive(str(path), error) from None
+    with archive:
+        return sum(info.file_size for info in _zip_tsv_members(path, archive))
+
+
+def iter_lines(
+    path: str | os.PathLike, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[tuple[str, int, bytes]]:
+    """``(where, line number, raw line)`` for every line of a ``.tsv``, ``.tsv.gz`` or ``.zip`` of TSV files.
+
+    ``where`` names the file (``ARCHIVE.zip:MEMBER.tsv`` for a zip member); line numbers start at 1 in each.
+    """
+    path = _check_path(path)
+    for where, lines in _sources(path, on_bytes):
+        for number, line in enumerate(lines, start=1):
+            yield where, number, line
+
+
+def _read_rows(path: Path, on_bytes: Callable[[int], None] | None) -> Iterator[tuple[str, int, list[str]]]:
+    """Yield ``(where, line_number, fields)`` for each non-empty row, reporting bytes read to ``on_bytes``."""
+    for where, lines in _sources(path, on_bytes):
+        reader = csv.reader((raw.decode("ascii", errors="replace") for raw in lines), delimiter="\t")
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as error:
+                raise ValueError(
+                    f"{where}, line {reader.line_num}: {error}. The row is malformed; regenerate or re-download "
+                    "the file, or remove the row."
+                ) from None
+            if fields:
+                yield where, reader.line_num, fields
 
 
 def _check_path(path: str | os.PathLike) -> Path:
@@ -165,7 +333,7 @@ def _check_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def _layout_of_row(path: Path, line: int, fields: list[str]) -> str:
+def _layout_of_row(path: str | Path, line: int, fields: list[str]) -> str:
     for layout, names in LAYOUTS.items():
         if len(fields) == len(names):
             return layout
@@ -186,8 +354,8 @@ def detect_layout(path: str | os.PathLike) -> str:
         ValueError: the file is empty, or its first row fits neither layout.
     """
     path = _check_path(path)
-    for line, fields in _read_rows(path, None):
-        return _layout_of_row(path, line, fields)
+    for where, line, fields in _read_rows(path, None):
+        return _layout_of_row(where, line, fields)
     raise ValueError(f"{path}: the file has no rows. Point to a non-empty TSV feature file.")
 
 
@@ -220,7 +388,7 @@ def _decode_field(name: str, text: str, num_boxes: int) -> int | float | np.ndar
     return value
 
 
-def _decode_row(path: Path, line: int, fields: list[str], layout: str) -> TSVImage:
+def _decode_row(path: str, line: int, fields: list[str], layout: str) -> TSVImage:
     names = LAYOUTS[layout]
     if len(fields) != len(names):
         found = _layout_of_row(path, line, fields)
@@ -237,7 +405,7 @@ def _decode_row(path: Path, line: int, fields: list[str], layout: str) -> TSVIma
             decoded[name] = _decode_field(name, row[name], num_boxes)
         except ValueError as error:
             raise ValueError(
-                f"{path}, line {line}, field {name!r} (image {row[names[0]][:40]!r}): {error}. The row is "
+                f"{path}, line {line}, field {name!r} (image {row[names[0]][:40]!r}): {str(error).rstrip('.')}. The row is "
                 "malformed or truncated; regenerate or re-download the file, or remove the row."
             ) from None
         if name == "num_boxes":
@@ -248,7 +416,14 @@ def _decode_row(path: Path, line: int, fields: list[str], layout: str) -> TSVIma
         image_id, image_w, image_h = decoded["img_id"], decoded["img_w"], decoded["img_h"]
     extras = {name: decoded[name] for name in LXMERT_EXTRAS if name in decoded}
     return TSVImage(
-        int(image_id), float(image_w), float(image_h), decoded["boxes"], decoded["features"], extras, line
+        int(image_id),
+        float(image_w),
+        float(image_h),
+        decoded["boxes"],
+        decoded["features"],
+        extras,
+        line,
+        path,
     )
 
 
@@ -258,24 +433,25 @@ def iter_tsv(
     """Stream the images of a bottom-up feature TSV, one decoded row at a time.
 
     Args:
-        path: the TSV file.
+        path: the TSV file: plain, gzip-compressed, or a zip archive of TSV files (read in member name order).
         layout: ``"original"``, ``"lxmert"`` or ``"auto"`` (:func:`detect_layout`).
-        on_bytes: called with the number of bytes read after each line, for progress bars.
+        on_bytes: called with the number of bytes read after each line, for progress bars (the units of
+            :func:`input_size`).
 
     Yields:
         :class:`TSVImage` with boxes ``(num_boxes, 4)`` and features ``(num_boxes, D)``, float32.
 
     Raises:
-        ValueError: a malformed row (wrong field count, bad base64, sizes not matching num_boxes, NaN);
-            the message names the file, line and field.
+        ValueError: a malformed row (wrong field count, bad base64, sizes not matching num_boxes, NaN), or a
+            damaged archive; the message names the file, line and field.
     """
     path = _check_path(path)
     if layout == "auto":
         layout = detect_layout(path)
     if layout not in LAYOUTS:
         raise ValueError(f"{path}: unknown TSV layout {layout!r}; choose auto, original or lxmert.")
-    for line, fields in _read_rows(path, on_bytes):
-        yield _decode_row(path, line, fields, layout)
+    for where, line, fields in _read_rows(path, on_bytes):
+        yield _decode_row(where, line, fields, layout)
 
 
 def _format_number(value: float) -> str:

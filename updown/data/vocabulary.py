@@ -56,17 +56,22 @@ class Vocabulary:
         return cls([*SPECIAL_TOKENS, *words])
 
     @classmethod
-    def from_file(cls, vocabulary_path: str | os.PathLike) -> Vocabulary:
+    def from_file(
+        cls, vocabulary_path: str | os.PathLike, tool: str = "tools/prepare_captions.py"
+    ) -> Vocabulary:
         data = read_json(vocabulary_path, "vocabulary JSON")
         if not isinstance(data, dict) or not isinstance(data.get("tokens"), list):
             raise ValueError(
-                f"{vocabulary_path}: expected a JSON object with a 'tokens' list. "
-                "Write it with tools/prepare_captions.py."
+                f"{vocabulary_path}: expected a JSON object with a 'tokens' list. Write it with {tool}."
+            )
+        if not all(isinstance(token, str) and token for token in data["tokens"]):
+            raise ValueError(
+                f"{vocabulary_path}: every token must be a non-empty string. Write it with {tool}."
             )
         try:
             return cls(data["tokens"])
         except ValueError as error:
-            raise ValueError(f"{vocabulary_path}: {error} Write it with tools/prepare_captions.py.") from None
+            raise ValueError(f"{vocabulary_path}: {error} Write it with {tool}.") from None
 
     def save(self, vocabulary_path: str | os.PathLike) -> None:
         write_json(vocabulary_path, {"tokens": self.tokens})
@@ -120,7 +125,14 @@ class AnswerVocabulary:
             raise ValueError(
                 f"{vocabulary_path}: expected a JSON object with an 'answers' list. Write it with tools/prepare_vqa.py."
             )
-        return cls(data["answers"])
+        if not all(isinstance(answer, str) for answer in data["answers"]):
+            raise ValueError(
+                f"{vocabulary_path}: every answer must be a string. Write it with tools/prepare_vqa.py."
+            )
+        try:
+            return cls(data["answers"])
+        except ValueError as error:
+            raise ValueError(f"{vocabulary_path}: {error} Write it with tools/prepare_vqa.py.") from None
 
     def save(self, vocabulary_path: str | os.PathLike) -> None:
         write_json(vocabulary_path, {"answers": self.answers})

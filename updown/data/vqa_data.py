@@ -8,14 +8,13 @@ files, prepared on first use by the same code as real data (:func:`ensure_synthe
 from __future__ import annotations
 
 import fcntl
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
+from updown.config import PositiveInt
 from updown.data.base import DataSpec, RegionDataModule
 from updown.data.datasets import _batch_tensor, collate_regions, pad_sequences
 from updown.data.readers import RegionFeature, RegionFeatures
@@ -107,14 +106,8 @@ def ensure_synthetic_vqa(world: SyntheticWorld) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_dir():
             return target
-        staging = target.with_name(f".vqa.tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            splits = {s: (world.vqa_questions_jsonpath(s), world.vqa_annotations_jsonpath(s)) for s in SPLITS}
-            prepare_vqa(splits, staging, answer_splits=("train",))
-            os.rename(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        splits = {s: (world.vqa_questions_jsonpath(s), world.vqa_annotations_jsonpath(s)) for s in SPLITS}
+        prepare_vqa(splits, target, answer_splits=("train",))
     return target
 
 
@@ -131,7 +124,11 @@ class VQADataModule(RegionDataModule):
     """
 
     def __init__(
-        self, prepared_dir: str | None = None, batch_size: int = 512, eval_batch_size: int = 512, **kwargs
+        self,
+        prepared_dir: str | None = None,
+        batch_size: PositiveInt = 512,
+        eval_batch_size: PositiveInt = 512,
+        **kwargs,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, **kwargs)
         if (self.features_h5path is None) != (prepared_dir is None):
@@ -152,7 +149,7 @@ class VQADataModule(RegionDataModule):
         if self._question_vocabulary is None:
             self.resolve_paths()
             self._question_vocabulary = Vocabulary.from_file(
-                Path(self.prepared_dir) / "question_vocabulary.json"
+                Path(self.prepared_dir) / "question_vocabulary.json", tool="tools/prepare_vqa.py"
             )
         return self._question_vocabulary
 
@@ -193,6 +190,17 @@ class VQADataModule(RegionDataModule):
     def build_dataset(self, split: str) -> VQADataset:
         """The questions of one prepared split."""
         path = self.questions_jsonpath(split)
+        if not path.is_file() and Path(self.prepared_dir).is_dir():
+            # A split name with a typo: name the splits the folder has.
+            have = sorted(
+                p.name[len("questions_") : -len(".json")]
+                for p in Path(self.prepared_dir).glob("questions_*.json")
+            )
+            raise ValueError(
+                f"{self.prepared_dir}: no prepared split {split!r} (no {path.name}); the folder has the splits "
+                f"{', '.join(have) or 'none'}. Check the split name (--data.init_args.val_split, test_split, "
+                "train_splits, or --split), or prepare that split with tools/prepare_vqa.py."
+            )
         questions = read_prepared_questions(path)
         self.features.check_ids(sorted({q.image_id for q in questions}), str(path))
         return VQADataset(self.features, questions, self.question_vocabulary, self.answer_vocabulary)
@@ -200,4 +208,14 @@ class VQADataModule(RegionDataModule):
     def build_train_dataset(self, splits: list[str]) -> VQADataset:
         """The questions of all ``splits`` as one dataset."""
         questions = [question for split in splits for question in self.dataset(split).questions]
+        seen: dict[int, str] = {}
+        for split in splits:
+            for question in self.dataset(split).questions:
+                if question.question_id in seen:
+                    raise ValueError(
+                        f"{self.prepared_dir}: question {question.question_id} is in the training splits "
+                        f"{seen[question.question_id]!r} and {split!r}; it would be trained on twice. Give each split "
+                        "once in train_splits, and prepare splits whose questions do not overlap."
+                    )
+                seen[question.question_id] = split
         return VQADataset(self.features, questions, self.question_vocabulary, self.answer_vocabulary)

@@ -37,6 +37,7 @@ Choices, and where they come from:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections import Counter
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from updown.data.vocabulary import AnswerVocabulary, Vocabulary
-from updown.io import read_json, write_json
+from updown.io import atomic_outputs, read_json, write_json
 from updown.metrics.vqa_accuracy import vqa_accuracy_per_question
 from updown.metrics.vqa_normalization import normalize_answer, strip_whitespace
 
@@ -128,12 +129,16 @@ def load_vqa_split(
     for position, item in enumerate(
         _items(data, "questions", questions_jsonpath, "official VQA questions", _HINT)
     ):
-        try:
-            question = VQAQuestion(int(item["question_id"]), int(item["image_id"]), str(item["question"]), [])
-        except (KeyError, TypeError, ValueError):
+        if not (
+            isinstance(item, dict)
+            and all(_is_int(item.get(k)) for k in ("question_id", "image_id"))
+            and isinstance(item.get("question"), str)
+        ):
             raise ValueError(
-                f"{questions_jsonpath}: questions[{position}] lacks 'question_id', 'image_id' or 'question'. {_HINT}"
-            ) from None
+                f"{questions_jsonpath}: questions[{position}] lacks an integer 'question_id' or 'image_id', or a "
+                f"string 'question'. {_HINT}"
+            )
+        question = VQAQuestion(item["question_id"], item["image_id"], item["question"], [])
         question.tokens = tokenize_question(question.question, max_question_length)
         if not question.tokens:
             raise ValueError(
@@ -157,13 +162,12 @@ def _attach_annotations(questions: list[VQAQuestion], questions_jsonpath, annota
     annotated, orphans = set(), set()
     for position, annotation in enumerate(annotations):
         try:
-            question_id, image_id = int(annotation["question_id"]), int(annotation["image_id"])
-            answers = [str(a["answer"]) for a in annotation["answers"]]
-            types = str(annotation["answer_type"]), str(annotation["question_type"])
+            question_id, image_id, answers, types = _annotation_fields(annotation)
         except (KeyError, TypeError, ValueError):
             raise ValueError(
-                f"{annotations_jsonpath}: annotations[{position}] lacks 'question_id', 'image_id', 'answers' "
-                f"(a list of {{'answer': str}}), 'answer_type' or 'question_type'. {_HINT}"
+                f"{annotations_jsonpath}: annotations[{position}] lacks an integer 'question_id' or 'image_id', "
+                f"'answers' (a list of {{'answer': str}}), a string 'answer_type', 'question_type' or "
+                f"'multiple_choice_answer'. {_HINT}"
             ) from None
         question = by_id.get(question_id)
         if question is None:
@@ -183,8 +187,7 @@ def _attach_annotations(questions: list[VQAQuestion], questions_jsonpath, annota
             )
         annotated.add(question_id)
         question.answers, (question.answer_type, question.question_type) = answers, types
-        majority = annotation.get("multiple_choice_answer")
-        question.multiple_choice_answer = None if majority is None else str(majority)
+        question.multiple_choice_answer = annotation.get("multiple_choice_answer")
     unannotated = set(by_id) - annotated
     if unannotated or orphans:
         problems = [
@@ -199,7 +202,23 @@ def _attach_annotations(questions: list[VQAQuestion], questions_jsonpath, annota
             f"{questions_jsonpath} and {annotations_jsonpath} do not match: {'; '.join(problems)}. "
             "Pass the questions and annotations of the same split (and the full files, not a subset of one)."
         )
-    return [a for a in annotations if int(a["question_id"]) in by_id]
+    return [a for a in annotations if a["question_id"] in by_id]
+
+
+def _annotation_fields(annotation) -> tuple[int, int, list[str], tuple[str, str]]:
+    """The ids, human answers and types of one official annotation; a wrong type is an error (a number as an
+    answer would silently become another answer)."""
+    question_id, image_id = annotation["question_id"], annotation["image_id"]
+    answers = [a["answer"] for a in annotation["answers"]]
+    types = annotation["answer_type"], annotation["question_type"]
+    majority = annotation.get("multiple_choice_answer")
+    if not (_is_int(question_id) and _is_int(image_id)) or not all(
+        isinstance(a, str) for a in (*answers, *types)
+    ):
+        raise TypeError(annotation)
+    if majority is not None and not isinstance(majority, str):
+        raise TypeError(majority)
+    return question_id, image_id, answers, types
 
 
 def majority_answer(question: VQAQuestion) -> str:
@@ -324,26 +343,33 @@ def prepare_vqa(
         raise FileExistsError(
             f"{', '.join(existing)}: output file(s) exist. Pass --force to overwrite, or choose another output."
         )
-    for name, (questions, raw_annotations) in loaded.items():
-        write_json(
-            output_dir / f"questions_{name}.json",
-            {"data_subtype": name, "task_type": "Open-Ended", "questions": [q.to_json() for q in questions]},
-        )
-        if raw_annotations is not None:
+    # All or nothing: the files go to a staging folder and move into output_dir together.
+    with atomic_outputs(output_dir, force=force) as staging:
+        for name, (questions, raw_annotations) in loaded.items():
             write_json(
-                output_dir / f"annotations_{name}.json",
-                {"data_subtype": name, "annotations": raw_annotations},
+                staging / f"questions_{name}.json",
+                {
+                    "data_subtype": name,
+                    "task_type": "Open-Ended",
+                    "questions": [q.to_json() for q in questions],
+                },
             )
-    question_vocabulary.save(output_dir / "question_vocabulary.json")
-    answer_vocabulary.save(output_dir / "answer_vocabulary.json")
+            if raw_annotations is not None:
+                write_json(
+                    staging / f"annotations_{name}.json",
+                    {"data_subtype": name, "annotations": raw_annotations},
+                )
+        question_vocabulary.save(staging / "question_vocabulary.json")
+        answer_vocabulary.save(staging / "answer_vocabulary.json")
     return question_vocabulary, answer_vocabulary
 
 
 def read_prepared_questions(questions_jsonpath: str | os.PathLike) -> list[VQAQuestion]:
-    """The questions of a prepared ``questions_<split>.json``.
+    """The questions of a prepared ``questions_<split>.json``, checked.
 
     Raises:
-        ValueError: malformed file, no questions, or a question without tokens.
+        ValueError: malformed file, no questions, a question id listed twice, a question without tokens, or
+            soft targets that do not fit the human answers (targets without answers, a score outside (0, 1]).
     """
     hint = "Write it with tools/prepare_vqa.py."
     items = _items(
@@ -354,17 +380,79 @@ def read_prepared_questions(questions_jsonpath: str | os.PathLike) -> list[VQAQu
         hint,
     )
     questions = []
+    position_of: dict[int, int] = {}
     for position, item in enumerate(items):
-        try:
-            question = VQAQuestion(**{**item, "answer_scores": {}})
-            question.answer_scores = {int(k): float(v) for k, v in item["answer_scores"].items()}
-        except (KeyError, TypeError, ValueError, AttributeError):
+        question = _prepared_question(item)
+        if question is None:
             raise ValueError(
-                f"{questions_jsonpath}: questions[{position}] is not a prepared question. {hint}"
-            ) from None
+                f"{questions_jsonpath}: questions[{position}] is not a prepared question (integer 'question_id' and "
+                "'image_id', string 'question', lists of strings 'tokens' and 'answers', 'answer_scores' mapping "
+                f"answer indices to scores). {hint}"
+            )
+        if question.question_id in position_of:
+            raise ValueError(
+                f"{questions_jsonpath}: question {question.question_id} is listed twice (questions["
+                f"{position_of[question.question_id]}] and questions[{position}]); each question must appear once. "
+                f"{hint}"
+            )
+        position_of[question.question_id] = position
         if not question.tokens:
             raise ValueError(f"{questions_jsonpath}: question {question.question_id} has no tokens. {hint}")
+        if question.answer_scores and not question.answers:
+            raise ValueError(
+                f"{questions_jsonpath}: question {question.question_id} has {len(question.answer_scores)} soft "
+                f"target(s) but no human answers; the targets are computed from the answers. {hint}"
+            )
+        bad = [score for score in question.answer_scores.values() if not 0 < score <= 1]
+        if bad:
+            raise ValueError(
+                f"{questions_jsonpath}: question {question.question_id} has a soft target {bad[0]!r} outside "
+                f"(0, 1]; a target is the VQA accuracy of an answer. {hint}"
+            )
         questions.append(question)
     if not questions:
         raise ValueError(f"{questions_jsonpath}: holds no questions. {hint}")
     return questions
+
+
+def _prepared_question(item) -> VQAQuestion | None:
+    """One entry of a prepared questions file, or None when a field is missing or of the wrong type."""
+    if not isinstance(item, dict) or not set(item) <= _QUESTION_FIELDS:
+        return None
+    if not all(_is_int(item.get(k)) for k in ("question_id", "image_id")) or not isinstance(
+        item.get("question"), str
+    ):
+        return None
+    if not all(_is_strings(item.get(k, [])) for k in ("tokens", "answers")) or "tokens" not in item:
+        return None
+    if not all(item.get(k) is None or isinstance(item[k], str) for k in _OPTIONAL_STRINGS):
+        return None
+    scores = item.get("answer_scores", {})
+    if not isinstance(scores, dict):
+        return None
+    answer_scores = {}
+    for key, value in scores.items():
+        if (
+            not isinstance(key, str)
+            or not key.isdigit()
+            or not isinstance(value, (int, float))
+            or isinstance(value, bool)
+        ):
+            return None
+        answer_scores[int(key)] = float(value)
+    fields = {k: v for k, v in item.items() if k != "answer_scores"}
+    question = VQAQuestion(**fields)
+    question.answer_scores = answer_scores
+    return question
+
+
+_QUESTION_FIELDS = {f.name for f in dataclasses.fields(VQAQuestion)}
+_OPTIONAL_STRINGS = ("answer_type", "question_type", "multiple_choice_answer")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)

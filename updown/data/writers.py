@@ -4,6 +4,15 @@ Converters and the synthetic world both write through :class:`RegionFeaturesWrit
 definition of the on-disk schema besides the reader's validation. Images are appended one at a time into
 resizable, per-image-chunked datasets, which keeps memory constant however many images are written. The
 file is written under a temporary name and renamed only when the ``with`` block succeeds.
+
+Integrity at rest: every dataset stores a Fletcher-32 checksum per chunk (HDF5's ``fletcher32`` filter; the
+features' chunk is one image), checked by HDF5 on every read, so a block overwritten after writing fails its
+read instead of feeding a model other numbers. The file uses the HDF5 1.10 format (``libver=("v110",
+"v110")``), whose metadata (object headers, chunk indexes) carries checksums too; HDF5 1.10 and later read
+it. A chunk zeroed whole, checksum included, passes Fletcher-32 (the checksum of zeros is zero): the
+reader refuses the all-zero features, boxes and sizes that leaves (docs/data.md, 'Integrity').
+The writer refuses what the reader would refuse (:func:`updown.data.readers.image_problem`), so a file it
+finished is one the reader accepts.
 """
 
 from __future__ import annotations
@@ -15,19 +24,13 @@ from typing import Any
 import h5py
 import numpy as np
 
+from updown.data.readers import MAX_IMAGE_SIZE, PER_BOX_EXTRAS, image_problem, size_problems
 from updown.io import atomic_output
 
-# Optional per-box datasets a writer may carry, with their dtype and fill value for padded boxes.
-# LXMERT files keep Visual Genome object / attribute ids and confidences; the synthetic world keeps,
-# for each region, the object it belongs to and that object's category (-1 for background regions).
-PER_BOX_EXTRAS: dict[str, tuple[str, Any]] = {
-    "objects_id": ("int64", -1),
-    "objects_conf": ("float32", 0.0),
-    "attrs_id": ("int64", -1),
-    "attrs_conf": ("float32", 0.0),
-    "region_object": ("int32", -1),
-    "region_category": ("int32", -1),
-}
+__all__ = ["PER_BOX_EXTRAS", "RegionFeaturesWriter"]
+
+# The HDF5 1.10 file format: checksummed metadata, readable by HDF5 1.10 to 2.x (the newest format is not).
+LIBVER = ("v110", "v110")
 
 
 class RegionFeaturesWriter:
@@ -42,6 +45,8 @@ class RegionFeaturesWriter:
         grid_shape: ``(H, W)`` when the features are a CNN grid (boxes tile the image row-major).
         force: replace an existing file; otherwise refuse.
         attrs: extra file attributes (e.g. provenance).
+        checksums: store a Fletcher-32 checksum per chunk (the default; False only to measure their cost, or to
+            make a file like those written elsewhere).
 
     Example:
         >>> with RegionFeaturesWriter("val.h5", max_boxes=36, feature_size=2048) as writer:
@@ -58,6 +63,7 @@ class RegionFeaturesWriter:
         grid_shape: tuple[int, int] | None = None,
         force: bool = False,
         attrs: dict[str, Any] | None = None,
+        checksums: bool = True,
     ) -> None:
         if dtype not in ("float32", "float16"):
             raise ValueError(f"{h5path}: feature dtype must be float32 or float16, not {dtype!r}.")
@@ -74,6 +80,7 @@ class RegionFeaturesWriter:
         self.grid_shape = grid_shape
         self.force = force
         self.attrs = attrs or {}
+        self.checksums = checksums
         self.num_images = 0
         self._seen_ids: set[int] = set()
         self._atomic = None
@@ -82,19 +89,27 @@ class RegionFeaturesWriter:
     def __enter__(self) -> RegionFeaturesWriter:
         self._atomic = atomic_output(self.h5path, force=self.force)
         tmp_path = self._atomic.__enter__()
-        self._file = h5py.File(tmp_path, "w")
+        self._file = h5py.File(tmp_path, "w", libver=LIBVER)
         f, n, d = self._file, self.max_boxes, self.feature_size
-        f.create_dataset("image_id", shape=(0,), maxshape=(None,), dtype="int64", chunks=(1024,))
-        f.create_dataset(
-            "features", shape=(0, n, d), maxshape=(None, n, d), dtype=self.dtype, chunks=(1, n, d)
-        )
-        f.create_dataset("boxes", shape=(0, n, 4), maxshape=(None, n, 4), dtype="float32", chunks=(1, n, 4))
-        f.create_dataset("num_boxes", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1024,))
-        f.create_dataset("image_w", shape=(0,), maxshape=(None,), dtype="float32", chunks=(1024,))
-        f.create_dataset("image_h", shape=(0,), maxshape=(None,), dtype="float32", chunks=(1024,))
+
+        def create(name: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]) -> None:
+            f.create_dataset(
+                name,
+                shape=(0, *shape),
+                maxshape=(None, *shape),
+                dtype=dtype,
+                chunks=chunks,
+                fletcher32=self.checksums,
+            )
+
+        create("image_id", (), "int64", (1024,))
+        create("features", (n, d), self.dtype, (1, n, d))
+        create("boxes", (n, 4), "float32", (1, n, 4))
+        create("num_boxes", (), "int32", (1024,))
+        create("image_w", (), "float32", (1024,))
+        create("image_h", (), "float32", (1024,))
         for name in self.extras:
-            dtype, _ = PER_BOX_EXTRAS[name]
-            f.create_dataset(name, shape=(0, n), maxshape=(None, n), dtype=dtype, chunks=(256, n))
+            create(name, (n,), PER_BOX_EXTRAS[name][0], (256, n))
         if self.grid_shape is not None:
             f.attrs["grid_shape"] = np.asarray(self.grid_shape, dtype="int64")
         for key, value in self.attrs.items():
@@ -140,6 +155,21 @@ class RegionFeaturesWriter:
             raise ValueError(
                 f"{where}: got per-box datasets {sorted(extras)}, expected {sorted(self.extras)}."
             )
+        if features.dtype.kind != "f":
+            raise ValueError(f"{where}: features have dtype {features.dtype}; region features are floats.")
+        sizes = size_problems(image_w, image_h)
+        if any(bool(mask) for mask in sizes.values()):
+            raise ValueError(
+                f"{where}: implausible image size {image_w} x {image_h} (expected finite, positive, at most "
+                f"{MAX_IMAGE_SIZE:g} px). Fix the input."
+            )
+        # Checked as stored (float16 turns values beyond 65504 into inf).
+        with np.errstate(over="ignore"):
+            stored = features.astype(self.dtype, copy=False)
+        problem = image_problem(stored.astype(np.float32), boxes, image_w, image_h)
+        if problem is not None:
+            field, text = problem
+            raise ValueError(f"{where}: {field} {text}. Fix or drop this image in the input.")
 
         f, i, n = self._file, self.num_images, self.max_boxes
         for name in ("image_id", "features", "boxes", "num_boxes", "image_w", "image_h", *self.extras):

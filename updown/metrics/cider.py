@@ -78,7 +78,9 @@ def document_frequency(
         for index, ref in enumerate(refs):
             grams.update(ngram_counts(_with_eos(ref, eos_as_word, f"references[{key!r}][{index}]"), n))
         df.update(grams)
-    return {gram: float(count) for gram, count in df.items()}, len(references)
+    # Sorted: a set's order changes with PYTHONHASHSEED, and the n-gram order fixes CiderD's summation order, so
+    # an unsorted table gave rewards (and SCST runs) that differed in the last bit from process to process.
+    return {gram: float(df[gram]) for gram in sorted(df)}, len(references)
 
 
 class _ImageReferences(NamedTuple):
@@ -133,8 +135,13 @@ class CiderD:
         self.eos_as_word = bool(eos_as_word)
         # One table for every n-gram known (from the frequencies or from cached references): a dict to its
         # integer id and an array of frequencies by id, so a hypothesis n-gram costs one dict lookup.
-        self._gram_ids: dict[NGram, int] = {gram: index for index, gram in enumerate(document_frequency)}
-        self._df = np.fromiter(document_frequency.values(), dtype=np.float64, count=len(document_frequency))
+        # Ids in sorted n-gram order, whatever the order of the table or file: the ids fix the order in which
+        # score() sums, so the same table in another order gives bit-identical rewards.
+        grams = sorted(document_frequency)
+        self._gram_ids: dict[NGram, int] = {gram: index for index, gram in enumerate(grams)}
+        self._df = np.fromiter(
+            (document_frequency[gram] for gram in grams), dtype=np.float64, count=len(grams)
+        )
         self._images: dict[Hashable, _ImageReferences] = {}
 
     @classmethod

@@ -166,10 +166,14 @@ def evaluate_vqa(
         try:
             human_answers = [answer["answer"] for answer in annotation["answers"]]
             question_type, answer_type = annotation["question_type"], annotation["answer_type"]
+            if not human_answers or not all(
+                isinstance(a, str) for a in (*human_answers, question_type, answer_type)
+            ):
+                raise TypeError(question_id)
         except (KeyError, TypeError):
             raise ValueError(
-                f"annotations: question {question_id} lacks 'answers' [{{'answer': str}}], 'question_type' or "
-                "'answer_type'. Use the official VQA annotations file."
+                f"annotations: question {question_id} lacks 'answers' [{{'answer': str}}], or a string "
+                "'question_type' or 'answer_type'. Use the official VQA annotations file."
             ) from None
         accuracy = vqa_accuracy_per_question(answer_by_id[question_id], human_answers, normalization)
         accuracies.append(accuracy)

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from updown.config import Config, FeatureEncoderName
+from updown.config import Config, FeatureEncoderName, HalfOpenUnitInterval, PositiveInt
 from updown.modules.blocks import build_feature_encoder
 from updown.modules.updown_cell import UpDownCell
 
@@ -32,20 +32,11 @@ class CaptionerConfig(Config):
             (:func:`updown.modules.blocks.build_feature_encoder`).
     """
 
-    embedding_size: int = 1000
-    hidden_size: int = 1000
-    attention_size: int = 512
-    dropout: float = 0.0
+    embedding_size: PositiveInt = 1000
+    hidden_size: PositiveInt = 1000
+    attention_size: PositiveInt = 512
+    dropout: HalfOpenUnitInterval = 0.0
     feature_encoder: FeatureEncoderName | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"CaptionerConfig: dropout must be in [0, 1), got {self.dropout}.")
-        if min(self.embedding_size, self.hidden_size, self.attention_size) < 1:
-            raise ValueError(
-                "CaptionerConfig: embedding_size, hidden_size and attention_size must be at least 1."
-            )
 
 
 class UpDownCaptioner(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from updown.config import Config, FeatureEncoderName
+from updown.config import Config, FeatureEncoderName, PositiveFloat, PositiveInt
 from updown.modules.blocks import build_feature_encoder
 from updown.modules.focal import FocalType, bfan_similarity
 
@@ -41,22 +41,13 @@ class BFANConfig(Config):
             :meth:`BFANRetrieval.similarity`; memory grows as its square times regions times words.
     """
 
-    word_embedding_size: int = 300
-    joint_embedding_size: int = 1024
-    num_gru_layers: int = 1
-    lambda_softmax: float = 20.0
+    word_embedding_size: PositiveInt = 300
+    joint_embedding_size: PositiveInt = 1024
+    num_gru_layers: PositiveInt = 1
+    lambda_softmax: PositiveFloat = 20.0
     focal_type: FocalType = "equal"
     feature_encoder: FeatureEncoderName | None = None
-    similarity_chunk_size: int = 128
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.similarity_chunk_size < 1:
-            raise ValueError(
-                f"BFANConfig: similarity_chunk_size={self.similarity_chunk_size} must be at least 1."
-            )
-        if min(self.word_embedding_size, self.joint_embedding_size, self.num_gru_layers) < 1:
-            raise ValueError("BFANConfig: embedding sizes and num_gru_layers must be at least 1.")
+    similarity_chunk_size: PositiveInt = 128
 
 
 class BFANRetrieval(nn.Module):

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from updown.config import Config, FeatureEncoderName
+from updown.config import Config, FeatureEncoderName, HalfOpenUnitInterval, PositiveInt
 from updown.modules.attention import AttentionForm, GatedTanhAttention
 from updown.modules.blocks import build_feature_encoder
 from updown.modules.fusion import CrossAttentionFusion
@@ -62,24 +62,17 @@ class VQAConfig(Config):
         feature_encoder: optional attention block applied to the region features first.
     """
 
-    embedding_size: int = 300
-    hidden_size: int = 512
-    dropout: float = 0.2
-    classifier_dropout: float = 0.5
+    embedding_size: PositiveInt = 300
+    hidden_size: PositiveInt = 512
+    dropout: HalfOpenUnitInterval = 0.2
+    classifier_dropout: HalfOpenUnitInterval = 0.5
     weight_norm: bool = True
     fusion: Fusion = "product"
     attention: AttentionForm = "concat"
     activation: Activation = "gated_tanh"
     feature_norm: FeatureNorm = "none"
-    num_heads: int = 8
+    num_heads: PositiveInt = 8
     feature_encoder: FeatureEncoderName | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.classifier_dropout < 1.0):
-            raise ValueError("VQAConfig: dropout and classifier_dropout must be in [0, 1).")
-        if min(self.embedding_size, self.hidden_size, self.num_heads) < 1:
-            raise ValueError("VQAConfig: embedding_size, hidden_size and num_heads must be at least 1.")
 
 
 class UpDownVQA(nn.Module):

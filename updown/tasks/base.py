@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import pytorch_lightning as pl
 
 from updown.callbacks import checkpoint_callbacks
+from updown.config import check_arguments
 from updown.data.base import DataSpec, RegionDataModule
 from updown.tasks.distributed import gather_outputs, log_rank_identical
 from updown.tasks.optim import OptimizerConfig
@@ -52,6 +53,9 @@ class Task(pl.LightningModule):
         # Every subclass's arguments too (Lightning collects the whole __init__ chain): checkpoints store them,
         # so load_from_checkpoint rebuilds the task with its configs.
         self.save_hyperparameters()
+        # Every argument's range and choices, as declared by its annotation (PositiveInt, Literal, ...): what
+        # LightningCLI checks at parse time, checked here for tasks built from Python (and stored plain).
+        self.hparams.update(check_arguments(type(self), dict(self.hparams), "model.init_args"))
         self.optimizer_config = OptimizerConfig.coerce(optimizer)
         self.data_spec: DataSpec | None = None
         # The val/* values of the last validation, reported by MetricsReport (see log_rank_identical).

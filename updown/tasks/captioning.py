@@ -12,7 +12,14 @@ from typing import Any, Literal
 
 import torch
 
-from updown.config import Config, check_choice
+from updown.config import (
+    ClosedUnitInterval,
+    Config,
+    HalfOpenUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+)
 from updown.data.base import DataSpec
 from updown.data.datamodules import CaptioningDataModule
 from updown.data.vocabulary import Vocabulary
@@ -49,26 +56,11 @@ class ScheduledSampling(Config):
         max_probability: the ceiling.
     """
 
-    probability: float = 0.0
-    start_epoch: int = 0
-    increase_every: int = 5
-    increase_by: float = 0.0
-    max_probability: float = 0.25
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (
-            0.0 <= self.probability <= 1.0 and 0.0 <= self.max_probability <= 1.0 and self.increase_by >= 0
-        ):
-            raise ValueError(
-                f"ScheduledSampling: probability={self.probability} and max_probability={self.max_probability} must "
-                f"be in [0, 1] and increase_by={self.increase_by} >= 0."
-            )
-        if self.start_epoch < 0 or self.increase_every < 1:
-            raise ValueError(
-                f"ScheduledSampling: start_epoch={self.start_epoch} must be >= 0 and increase_every="
-                f"{self.increase_every} >= 1."
-            )
+    probability: ClosedUnitInterval = 0.0
+    start_epoch: NonNegativeInt = 0
+    increase_every: PositiveInt = 5
+    increase_by: NonNegativeFloat = 0.0
+    max_probability: ClosedUnitInterval = 0.25
 
     def at_epoch(self, epoch: int) -> float:
         """The sampling probability during ``epoch`` (0-based)."""
@@ -111,15 +103,12 @@ class CaptioningTask(Task):
         net: CaptionerConfig = CaptionerConfig(),
         optimizer: OptimizerConfig = PAPER_SGD,
         decoding: BeamSearchConfig = BeamSearchConfig(),
-        label_smoothing: float = 0.0,
+        label_smoothing: HalfOpenUnitInterval = 0.0,
         scheduled_sampling: ScheduledSampling = ScheduledSampling(),
         spice: SpiceMode = "off",
         val_metrics: tuple[str, ...] = ("Bleu", "METEOR", "ROUGE_L", "CIDEr"),
     ) -> None:
         super().__init__(optimizer)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"model.init_args.label_smoothing={label_smoothing} must be in [0, 1).")
-        check_choice("model.init_args.spice", spice, SpiceMode)
         self.net_config = CaptionerConfig.coerce(net)
         self.decoding = BeamSearchConfig.coerce(decoding)
         self.scheduled_sampling = ScheduledSampling.coerce(scheduled_sampling)

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from updown.config import Config
+from updown.config import Config, HalfOpenUnitInterval, NonNegativeFloat, PositiveFloat, PositiveInt
 
 OptimizerName = Literal["sgd", "adam", "adamax", "adadelta"]
 ScheduleName = Literal["constant", "linear", "step", "exponential"]
@@ -42,26 +42,13 @@ class OptimizerConfig(Config):
     """
 
     name: OptimizerName = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    lr: PositiveFloat = 0.01
+    momentum: HalfOpenUnitInterval = 0.9
+    weight_decay: NonNegativeFloat = 0.0
     schedule: ScheduleName = "constant"
-    total_steps: int | None = None
-    step_size: int = 3
-    gamma: float = 0.8
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(
-                f"OptimizerConfig: lr={self.lr} must be > 0, weight_decay={self.weight_decay} >= 0 and "
-                f"momentum={self.momentum} in [0, 1)."
-            )
-        if (self.total_steps is not None and self.total_steps < 1) or self.step_size < 1 or self.gamma <= 0:
-            raise ValueError(
-                f"OptimizerConfig: total_steps={self.total_steps} and step_size={self.step_size} must be at least 1 "
-                f"and gamma={self.gamma} > 0."
-            )
+    total_steps: PositiveInt | None = None
+    step_size: PositiveInt = 3
+    gamma: PositiveFloat = 0.8
 
     def build(self, parameters, estimated_total_steps: int) -> torch.optim.Optimizer | dict:
         """What ``configure_optimizers`` returns: the optimiser, with its Lightning ``lr_scheduler`` config

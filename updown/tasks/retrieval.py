@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from updown.config import NonNegativeFloat, NonNegativeInt
 from updown.data.base import DataSpec
 from updown.data.retrieval_data import RetrievalDataModule
 from updown.losses import retrieval_loss
@@ -63,15 +64,12 @@ class RetrievalTask(Task):
         self,
         net: BFANConfig = BFANConfig(),
         optimizer: OptimizerConfig = BFAN_ADAM,
-        margin: float = 0.2,
+        margin: NonNegativeFloat = 0.2,
         max_violation: bool = True,
-        max_violation_warmup_epochs: int = 0,
+        max_violation_warmup_epochs: NonNegativeInt = 0,
         protocol: Protocol = "full",
     ) -> None:
         super().__init__(optimizer)
-        if max_violation_warmup_epochs < 0:
-            raise ValueError(f"model.max_violation_warmup_epochs={max_violation_warmup_epochs} must be >= 0.")
-        check_protocol(protocol)
         self.net_config = BFANConfig.coerce(net)
         self.model: BFANRetrieval | None = None
         self._outputs: list[dict] = []

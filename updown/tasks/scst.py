@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from updown.config import check_choice
+from updown.checkpointing import load_checkpoint
+from updown.config import NonNegativeFloat, PositiveFloat, PositiveInt
 from updown.data.base import DataSpec, check_vocabulary
 from updown.decoding import beam_candidates, greedy_decode, sample_decode
 from updown.losses import scst_loss, self_critical_baseline
@@ -66,31 +67,29 @@ class SCSTCaptioningTask(CaptioningTask):
     def __init__(
         self,
         init_weights: str | None = None,
-        num_samples: int = 5,
+        num_samples: PositiveInt = 5,
         baseline: Baseline = "mean_of_others",
-        sample_temperature: float = 1.0,
-        cider_weight: float = 1.0,
-        bleu_weight: float = 0.0,
+        sample_temperature: PositiveFloat = 1.0,
+        cider_weight: NonNegativeFloat = 1.0,
+        bleu_weight: NonNegativeFloat = 0.0,
         cider_df_path: str | None = None,
         eos_as_word: bool = False,
         validate_at_start: bool = True,
         optimizer: OptimizerConfig = SCST_ADAM,
         **kwargs,
     ) -> None:
-        check_choice("model.init_args.baseline", baseline, Baseline)
-        if num_samples < 1 or (baseline == "mean_of_others" and num_samples < 2):
-            raise ValueError(
-                f"model.init_args.num_samples={num_samples}: baseline {baseline!r} needs at least "
-                f"{2 if baseline == 'mean_of_others' else 1} samples per image (the mean of the OTHER samples)."
-            )
-        if cider_weight < 0 or bleu_weight < 0 or cider_weight + bleu_weight == 0:
-            raise ValueError(
-                f"model.init_args: cider_weight={cider_weight} and bleu_weight={bleu_weight} must be >= 0 and "
-                "not both 0 (a negative weight would reward worse captions)."
-            )
-        if sample_temperature <= 0:
-            raise ValueError(f"model.init_args.sample_temperature={sample_temperature} must be > 0.")
+        # Ranges and choices are checked by Task.__init__ from the annotations; what is left relates two arguments.
         super().__init__(optimizer=optimizer, **kwargs)
+        if baseline == "mean_of_others" and num_samples < 2:
+            raise ValueError(
+                f"model.init_args.num_samples={num_samples}: baseline 'mean_of_others' needs at least 2 samples "
+                "per image (the mean of the OTHER samples)."
+            )
+        if cider_weight + bleu_weight == 0:
+            raise ValueError(
+                f"model.init_args: cider_weight={cider_weight} and bleu_weight={bleu_weight} are both 0: the reward "
+                "would be 0 for every caption. Set one of them above 0."
+            )
         self.extra_metrics: dict[str, float] = {}
         self._resumed = False
         self._cider: CiderD | None = None
@@ -136,21 +135,12 @@ class SCSTCaptioningTask(CaptioningTask):
             path: a checkpoint written by a updown captioning task.
             data_source: what the current vocabulary came from, for the mismatch message.
         """
-        if not Path(path).is_file():
-            raise FileNotFoundError(
-                f"model.init_args.init_weights {path}: checkpoint not found. Check the path."
-            )
         # Lightning checkpoints pickle their hyper-parameters too; load only checkpoints you trust (as --ckpt_path).
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        stored = (
-            DataSpec.from_checkpoint(checkpoint, f"init_weights {path}")
-            if isinstance(checkpoint, dict)
-            else None
-        )
-        if stored is None or "caption" not in stored.vocabularies or "state_dict" not in checkpoint:
-            raise ValueError(
-                f"init_weights {path}: not a updown captioning checkpoint (no vocabulary or state_dict)."
-            )
+        checkpoint = load_checkpoint(
+            path, "model.init_args.init_weights", task_class=CaptioningTask,
+            fix="Pass the checkpoint of a captioning (XE) run.",
+        )  # fmt: skip
+        stored = DataSpec.from_checkpoint(checkpoint, f"init_weights {path}")
         check_vocabulary(
             "caption",
             stored.vocabularies["caption"],

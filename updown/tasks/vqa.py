@@ -20,7 +20,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from updown.config import check_choice
 from updown.data.base import DataSpec
 from updown.data.glove import load_glove
 from updown.data.vocabulary import AnswerVocabulary, Vocabulary
@@ -72,7 +71,6 @@ class VQATask(Task):
         normalization: Normalization = "official",
     ) -> None:
         super().__init__(optimizer)
-        check_choice("model.init_args.normalization", normalization, Normalization)
         self.net_config = VQAConfig.coerce(net)
         self.model: UpDownVQA | None = None
         self.question_only_model: UpDownVQA | None = None
