@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from updown.modules.attention import check_mask
 from updown.modules.gated_tanh import GatedTanh
 
 
@@ -88,11 +89,7 @@ class CrossAttentionFusion(nn.Module):
                 f"CrossAttentionFusion: question_mask shape {tuple(question_mask.shape)} must be (B, T) = "
                 f"{tuple(question_states.shape[:2])}."
             )
-        if image_features_mask.shape != image_features.shape[:2]:
-            raise ValueError(
-                f"CrossAttentionFusion: image_features_mask shape {tuple(image_features_mask.shape)} must "
-                f"be (B, R) = {tuple(image_features.shape[:2])}."
-            )
+        check_mask(image_features, image_features_mask, "CrossAttentionFusion")
         # shape: (B, 1)
         has_box = image_features_mask.any(dim=1, keepdim=True)
         # A row of keys that are all masked would make softmax NaN; let such an image attend over its
