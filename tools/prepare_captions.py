@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from updown.cli import run_guarded  # noqa: E402
 from updown.config import PositiveInt, argparse_type  # noqa: E402
 from updown.data.caption_preparation import load_coco_captions, load_karpathy, prepare_captions  # noqa: E402
+from updown.data.word_forms import WordForms  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="minimum word count for the vocabulary (paper: 5)",
     )  # fmt: skip
     parser.add_argument("--vocabulary-splits", nargs="+", default=["train", "restval"])
+    parser.add_argument(
+        "--constraint-words", metavar="TSV",
+        help="also add every word of this word-forms TSV to the vocabulary, whatever its count "
+        "(nocaps constrained beam search: constraint_wordforms.tsv)",
+    )  # fmt: skip
     parser.add_argument("--evaluation-splits", nargs="+", default=["val", "test"])
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -69,10 +75,14 @@ def main(argv=None) -> int:
                 lists[name] = path
             images = load_coco_captions(args.coco, lists)
         output = Path(args.output)
+        extra_words = (
+            WordForms.from_file(args.constraint_words).vocabulary_words() if args.constraint_words else ()
+        )
         # All or nothing: an existing file is refused (without --force) before any is replaced.
         vocabulary = prepare_captions(
-            images, output, args.min_count, args.vocabulary_splits, args.evaluation_splits, force=args.force
-        )
+            images, output, args.min_count, args.vocabulary_splits, args.evaluation_splits, force=args.force,
+            extra_words=extra_words,
+        )  # fmt: skip
         print(f"{len(images)} images, vocabulary of {len(vocabulary)} tokens -> {output}", file=sys.stderr)
         return 0
 

@@ -4,6 +4,7 @@ Examples:
     python -m updown.evaluate captions --references captions_val2014.json --results results.json \\
         --output scores.json
     python -m updown.evaluate captions --references captions_val2014.json --human
+    python -m updown.evaluate captions --references nocaps_val_4500_captions.json --results results.json
     python -m updown.evaluate vqa --questions v2_OpenEnded_mscoco_val2014_questions.json \\
         --annotations v2_mscoco_val2014_annotations.json --results results.json
 
@@ -11,6 +12,9 @@ Examples:
 "caption"}]}``) and COCO results (``[{"image_id", "caption"}]``), tokenises the raw strings with the PTB
 tokenizer and prints BLEU-1..4, METEOR, ROUGE-L, CIDEr and SPICE (when available) exactly as
 pycocoevalcap computes them; ``--human`` instead scores each reference against the others.
+nocaps ground truth (whose ``images`` carry a ``domain``: in-domain, near-domain, out-domain) is scored per
+domain and overall, each domain as if it were the whole ground truth (pycocoevalcap on the domain's subset);
+the output JSON then holds the overall scores at the top level and each domain's under ``by_domain``.
 ``vqa`` prints the official VQA accuracy, overall and per answer type.
 
 Every input problem prints one message and exits with status 2, writing nothing (``--debug`` shows the
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -115,15 +120,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_coco_references(path: str) -> dict[int, list[str]]:
     """Image id -> raw reference captions from a COCO-format ground-truth file, in its image order."""
+    return read_references_and_domains(path)[0]
+
+
+def read_references_and_domains(path: str) -> tuple[dict[int, list[str]], dict[int, str] | None]:
+    """Raw references of a COCO-format ground-truth file, and each image's nocaps domain if it has them.
+
+    Returns:
+        ``(references, domains)``: image id -> raw captions in the file's image order; image id -> its
+        ``images[i]["domain"]`` (nocaps: in-domain / near-domain / out-domain), or None when no image has one
+        (COCO).
+    """
     data = read_json(path, "COCO caption ground-truth JSON")
+    images = data.get("images") if isinstance(data, dict) else None
+    if isinstance(data, dict) and not isinstance(data.get("annotations"), list):
+        if isinstance(images, list) and any(
+            isinstance(image, dict) and "domain" in image for image in images
+        ):
+            raise ValueError(
+                f"{path}: nocaps images without captions (the test split's image info?). The nocaps test "
+                "captions are hidden: submit the results file to the nocaps evaluation server instead."
+            )
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(f'{path}: expected a COCO captions object with an "annotations" list.')
     references: dict[int, list[str]] = {}
-    if isinstance(data.get("images"), list):
-        if not all(isinstance(image, dict) and isinstance(image.get("id"), int) for image in data["images"]):
+    domains: dict[int, str] | None = None
+    if isinstance(images, list):
+        if not all(isinstance(image, dict) and isinstance(image.get("id"), int) for image in images):
             raise ValueError(f'{path}: every entry of "images" needs an integer "id".')
         # COCOEvalCap scores the images in this order; keeping it keeps float sums identical.
-        references = {image["id"]: [] for image in data["images"]}
+        references = {image["id"]: [] for image in images}
+        with_domain = [image for image in images if "domain" in image]
+        if with_domain:
+            wrong = [
+                image["id"]
+                for image in images
+                if not isinstance(image.get("domain"), str) or not image["domain"]
+            ]
+            if wrong:
+                raise ValueError(
+                    f'{path}: {len(wrong)} images (e.g. {wrong[:5]}) lack a "domain" string while others have '
+                    "one (nocaps: in-domain, near-domain, out-domain). Give every image its domain, or none."
+                )
+            domains = {image["id"]: image["domain"] for image in images}
     for index, annotation in enumerate(data["annotations"]):
         if (
             not isinstance(annotation, dict)
@@ -133,13 +172,18 @@ def read_coco_references(path: str) -> dict[int, list[str]]:
             raise ValueError(
                 f'{path}: annotations[{index}] needs an integer "image_id" and a string "caption".'
             )
+        if domains is not None and annotation["image_id"] not in domains:
+            raise ValueError(
+                f'{path}: annotations[{index}] is for image {annotation["image_id"]}, which is not in "images" '
+                "and so has no domain."
+            )
         references.setdefault(annotation["image_id"], []).append(annotation["caption"])
     if not references:
         raise ValueError(f"{path}: no annotations to score against.")
     empty = [image_id for image_id, refs in references.items() if not refs]
     if empty:
         raise ValueError(f"{path}: {len(empty)} images (e.g. {empty[:5]}) have no caption annotations.")
-    return references
+    return references, domains
 
 
 def read_caption_results(path: str) -> dict[int, str]:
@@ -176,9 +220,42 @@ def _print_table(title: str, rows: list[tuple[str, float]], unit: str) -> None:
     console.print(table)
 
 
+def _print_domain_table(title: str, scores: dict[str, dict[str, float]]) -> None:
+    """One row per metric, one column per domain (nocaps), the last one overall."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("metric")
+    columns = list(scores)
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name in scores[columns[-1]]:
+        table.add_row(name, *(f"{scores[column][name]:.4f}" for column in columns))
+    console = Console()
+    console.print(title, markup=False, highlight=False)
+    console.print(table)
+
+
+def _nest_domains(scores: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Overall scores at the top level (as for COCO), each domain's under ``"by_domain"``."""
+    from updown.metrics.coco_caption import OVERALL
+
+    return {
+        **scores[OVERALL],
+        "by_domain": {name: value for name, value in scores.items() if name != OVERALL},
+    }
+
+
 def run_captions(args: argparse.Namespace) -> dict[str, Any]:
-    """Score caption results (or human consensus); returns the overall scores."""
-    from updown.metrics.coco_caption import human_consensus, score_captions
+    """Score caption results (or human consensus); returns the scores (with ``by_domain`` for nocaps)."""
+    from updown.metrics.coco_caption import (
+        OVERALL,
+        domain_order,
+        human_consensus,
+        score_captions,
+        score_captions_by_domain,
+    )
 
     if args.human == (args.results is not None):
         raise ValueError("captions: give --results to score a results file, or --human (not both).")
@@ -186,21 +263,43 @@ def run_captions(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(
             "captions: --per-image-output needs --results (human consensus has no per-image scores)."
         )
-    references = read_coco_references(args.references)
+    references, domains = read_references_and_domains(args.references)
     per_image = None
     if args.human:
-        scores = human_consensus(references, spice=args.spice, metrics=args.metrics)
+        if domains is None:
+            scores = human_consensus(references, spice=args.spice, metrics=args.metrics)
+        else:
+            groups = [*domain_order(domains), OVERALL]
+            by_domain = {
+                group: human_consensus(
+                    {k: refs for k, refs in references.items() if group in (OVERALL, domains[k])},
+                    spice=args.spice,
+                    metrics=args.metrics,
+                )
+                for group in groups
+            }
         title = f"human consensus: {len(references)} images"
     else:
         predictions = read_caption_results(args.results)
         try:
-            scores, per_image = score_captions(
-                references, predictions, spice=args.spice, metrics=args.metrics
-            )
+            if domains is None:
+                scores, per_image = score_captions(
+                    references, predictions, spice=args.spice, metrics=args.metrics
+                )
+            else:
+                by_domain, per_image = score_captions_by_domain(
+                    references, predictions, domains, spice=args.spice, metrics=args.metrics
+                )
         except ValueError as error:
             raise ValueError(f"{args.results} against {args.references}: {error}") from None
         title = f"{Path(args.results).name}: {len(references)} images"
-    _print_table(title, list(scores.items()), "score")
+    if domains is None:
+        _print_table(title, list(scores.items()), "score")
+    else:
+        counts = Counter(domains[key] for key in references)
+        title += " (" + ", ".join(f"{domain} {counts[domain]}" for domain in domain_order(domains)) + ")"
+        _print_domain_table(title, by_domain)
+        scores = _nest_domains(by_domain)
     if args.per_image_output:
         write_json(
             args.per_image_output, {str(key): value for key, value in per_image.items()}, args.force, indent=1
@@ -250,9 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
             scores = args.handler(args)
-        # Warnings (SPICE skipped) as one plain line each, not with a source-code excerpt.
-        for warning in caught:
-            print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
+        # Warnings (SPICE skipped) as one plain line each, not with a source-code excerpt; a warning repeated
+        # (once per nocaps domain) is shown once.
+        for message in dict.fromkeys(str(warning.message) for warning in caught):
+            print(f"{PROG}: warning: {message}", file=sys.stderr)
         if args.output:
             write_json(args.output, scores, args.force, indent=2)
     except (*USER_ERRORS, MissingDependencyError) as error:

@@ -190,8 +190,11 @@ def prepare_captions(
     vocabulary_splits: Sequence[str] = ("train", "restval"),
     evaluation_splits: Sequence[str] = ("val", "test"),
     force: bool = True,
+    extra_words: Sequence[str] = (),
 ) -> Vocabulary:
     """Write ``captions.json``, ``vocabulary.json`` and ``references_<split>.json`` into ``output_dir``.
+
+    ``extra_words`` join the vocabulary whatever their count (after the counted words): nocaps' constraint words.
 
     Raises:
         ValueError: no images, an image with no captions or a caption with no tokens, or no vocabulary split.
@@ -214,7 +217,7 @@ def prepare_captions(
         raise ValueError(
             f"No captions in the vocabulary splits {list(vocabulary_splits)}; cannot build a vocabulary."
         )
-    vocabulary = Vocabulary.from_counts(counts, min_count)
+    vocabulary = Vocabulary.from_counts(counts, min_count, extra_words)
     by_split = {s: [i for i in images if i.split == s] for s in evaluation_splits}
     # All or nothing: the files go to a staging folder and move into output_dir together.
     with atomic_outputs(output_dir, force=force) as staging:

@@ -47,13 +47,18 @@ class Vocabulary:
         self._index = {token: i for i, token in enumerate(self.tokens)}
 
     @classmethod
-    def from_counts(cls, counts: Counter, min_count: int = 5) -> Vocabulary:
-        """Words seen at least ``min_count`` times, most frequent first."""
+    def from_counts(cls, counts: Counter, min_count: int = 5, extra_words: Iterable[str] = ()) -> Vocabulary:
+        """Words seen at least ``min_count`` times, most frequent first, then ``extra_words`` not yet in, sorted.
+
+        ``extra_words`` (e.g. constraint words for nocaps) come last, so the indices of the counted words do
+        not depend on them.
+        """
         words = sorted(
             (w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS),
             key=lambda w: (-counts[w], w),
         )
-        return cls([*SPECIAL_TOKENS, *words])
+        extra = sorted(set(extra_words) - set(words) - set(SPECIAL_TOKENS))
+        return cls([*SPECIAL_TOKENS, *words, *extra])
 
     @classmethod
     def from_file(

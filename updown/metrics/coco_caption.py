@@ -22,6 +22,9 @@ from pathlib import Path
 METRICS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 SPICE_MODES = ("auto", "on", "off")
 SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+# nocaps: the domain of each image (``images[i]["domain"]`` of its annotation files), and all images together.
+NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
+OVERALL = "overall"
 
 
 class MissingDependencyError(RuntimeError):
@@ -153,6 +156,32 @@ def _check_references(references: Mapping[Hashable, Sequence[str]]) -> None:
             )
 
 
+def _check_pairs(references: Mapping[Hashable, Sequence[str]], predictions: Mapping[Hashable, str]) -> None:
+    """Refuse empty references, ids that differ between references and predictions, non-string captions."""
+    _check_references(references)
+    missing, extra = set(references) - set(predictions), set(predictions) - set(references)
+    if missing or extra:
+        found = ((missing, "images have no prediction"), (extra, "predictions have no references"))
+        problems = [f"{len(ids)} {what} ({_ids(ids)})" for ids, what in found if ids]
+        raise ValueError(f"predictions: {'; '.join(problems)}. Predict exactly the images of the references.")
+    wrong = [key for key, text in predictions.items() if not isinstance(text, str)]
+    if wrong:
+        raise ValueError(f"predictions: captions must be strings; images {_ids(set(wrong))} are not.")
+
+
+def _tokenized_pairs(
+    references: Mapping[Hashable, Sequence[str]], predictions: Mapping[Hashable, str]
+) -> tuple[dict[Hashable, list[str]], dict[Hashable, list[str]]]:
+    """PTB-tokenise references and predictions in one Java call: ``(gts, res)``, in the references' order."""
+    keys = list(references)
+    tokenized = _tokenize(
+        {**{("ref", k): references[k] for k in keys}, **{("hyp", k): [predictions[k]] for k in keys}}
+    )
+    gts = {key: tokenized[("ref", key)] for key in keys}
+    res = {key: tokenized[("hyp", key)] for key in keys}
+    return gts, res
+
+
 def score_captions(
     references: Mapping[Hashable, Sequence[str]],
     predictions: Mapping[Hashable, str],
@@ -177,25 +206,57 @@ def score_captions(
         ValueError: ids not matching, empty references, non-string captions, unknown options.
         MissingDependencyError: no ``java``, or SPICE required and unavailable.
     """
-    _check_references(references)
-    missing, extra = set(references) - set(predictions), set(predictions) - set(references)
-    if missing or extra:
-        found = ((missing, "images have no prediction"), (extra, "predictions have no references"))
-        problems = [f"{len(ids)} {what} ({_ids(ids)})" for ids, what in found if ids]
-        raise ValueError(f"predictions: {'; '.join(problems)}. Predict exactly the images of the references.")
-    wrong = [key for key, text in predictions.items() if not isinstance(text, str)]
-    if wrong:
-        raise ValueError(f"predictions: captions must be strings; images {_ids(set(wrong))} are not.")
+    _check_pairs(references, predictions)
     selected = _select_metrics(metrics, spice)
     require_java()
-    keys = list(references)
-    tokenized = _tokenize(
-        {**{("ref", k): references[k] for k in keys}, **{("hyp", k): [predictions[k]] for k in keys}}
-    )
-    gts = {key: tokenized[("ref", key)] for key in keys}
-    res = {key: tokenized[("hyp", key)] for key in keys}
+    gts, res = _tokenized_pairs(references, predictions)
     with _scorers(selected) as scorers:
         return _run(scorers, gts, res)
+
+
+def domain_order(domains: Mapping[Hashable, str]) -> list[str]:
+    """The distinct domains of ``domains``: nocaps' three in their usual order, then any others sorted."""
+    present = set(domains.values())
+    return [d for d in NOCAPS_DOMAINS if d in present] + sorted(present - set(NOCAPS_DOMAINS))
+
+
+def score_captions_by_domain(
+    references: Mapping[Hashable, Sequence[str]],
+    predictions: Mapping[Hashable, str],
+    domains: Mapping[Hashable, str],
+    spice: str = "auto",
+    metrics: Sequence[str] | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[Hashable, dict[str, float]]]:
+    """Score every domain on its own and all images together: the nocaps protocol.
+
+    nocaps reports each metric on the in-domain, near-domain and out-domain images separately and on all of
+    them ("overall"; the evaluation server calls it "entire"). Each domain is scored as if its images were the
+    whole ground truth, so CIDEr's document frequencies come from that domain's references: the result equals
+    :func:`score_captions` on the domain's subset. Tokenisation (one Java call) and the METEOR process are
+    shared.
+
+    Args:
+        references, predictions, spice, metrics: as in :func:`score_captions`.
+        domains: image id -> its domain; every image of ``references`` needs one.
+
+    Returns:
+        ``(scores, per_image)``: domain -> scores (in :func:`domain_order`), then ``"overall"`` -> scores;
+        per-image scores are those of the overall run.
+    """
+    unassigned = set(references) - set(domains)
+    if unassigned:
+        raise ValueError(f"domains: {len(unassigned)} images ({_ids(unassigned)}) have no domain.")
+    _check_pairs(references, predictions)
+    selected = _select_metrics(metrics, spice)
+    require_java()
+    gts, res = _tokenized_pairs(references, predictions)
+    scores: dict[str, dict[str, float]] = {}
+    with _scorers(selected) as scorers:
+        for domain in domain_order({key: domains[key] for key in references}):
+            keys = [key for key in gts if domains[key] == domain]  # references' order, as the subset file
+            scores[domain], _ = _run(scorers, {k: gts[k] for k in keys}, {k: res[k] for k in keys})
+        scores[OVERALL], per_image = _run(scorers, gts, res)
+    return scores, per_image
 
 
 def human_consensus(
