@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from updown.modules.dropout import Dropout
 from updown.modules.gated_tanh import GatedTanh, linear_layer
 
 # The two forms of the VQA model's attention scorer (GatedTanhAttention).
@@ -158,7 +159,8 @@ class GatedTanhAttention(nn.Module):
         else:
             self.image_scorer = layer(image_feature_size, hidden_size, weight_norm=weight_norm)
             self.question_scorer = layer(question_size, hidden_size, weight_norm=weight_norm)
-        self.dropout = nn.Dropout(dropout)
+        # The (B, R, hidden) dropout mask is the largest random draw of a VQA step: drawn with torch.rand.
+        self.dropout = Dropout(dropout)
         self.score = linear_layer(hidden_size, 1, weight_norm)
 
     def forward(
@@ -170,9 +172,16 @@ class GatedTanhAttention(nn.Module):
         if self.form == "concat":
             # shape: (B, R, hidden_size)
             joint = self.scorer(image_features, context=question)
+            # shape: (B, R)
+            scores = self.score(self.dropout(joint)).squeeze(-1)
         else:
-            joint = self.image_scorer(image_features) * self.question_scorer(question).unsqueeze(1)
-        # shape: (B, R)
-        scores = self.score(self.dropout(joint)).squeeze(-1)
+            # w^T dropout(GT_v(v_i) * GT_q(q)) = dropout(GT_v(v_i))^T (w * GT_q(q)): the mask is elementwise,
+            # so it may act on the image factor alone. Folding w into the question factor (B x hidden) skips
+            # the (B, R, hidden) product and its two backward products, a few percent of a training step.
+            # shape: (B, hidden_size, 1)
+            question_weights = (self.question_scorer(question) * self.score.weight).unsqueeze(-1)
+            # shape: (B, R)
+            scores = torch.bmm(self.dropout(self.image_scorer(image_features)), question_weights).squeeze(-1)
+            scores = scores + self.score.bias
         scores = scores.masked_fill(~image_features_mask, float("-inf"))
         return torch.softmax(scores, dim=1).masked_fill(~image_features_mask, 0.0)

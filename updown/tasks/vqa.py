@@ -129,7 +129,9 @@ class VQATask(Task):
     def training_step(self, batch: VQABatch, batch_index: int) -> torch.Tensor:
         batch_size = batch["question_tokens"].size(0)
         logits = self._logits(self.model, batch)
-        loss = soft_score_bce(logits, batch["answer_scores"])
+        # In float32: under bf16-mixed the logits are bf16, and soft_score_bce would round the soft targets to
+        # them (0.3 -> 0.30078); BCE runs in float32 under autocast anyway, so this costs one (B, A) cast.
+        loss = soft_score_bce(logits.float(), batch["answer_scores"])
         # shape: (B,)
         soft_score = batch["answer_scores"].gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -138,7 +140,7 @@ class VQATask(Task):
             # The models share no parameter, so the summed loss gives each exactly its own gradient, and
             # Adamax / Adam / SGD update each parameter from its own gradient: the baseline cannot move the model.
             baseline_loss = soft_score_bce(
-                self._logits(self.question_only_model, batch), batch["answer_scores"]
+                self._logits(self.question_only_model, batch).float(), batch["answer_scores"]
             )
             self.log("train/question_only_loss", baseline_loss, batch_size=batch_size)
             loss = loss + baseline_loss
@@ -184,7 +186,7 @@ class VQATask(Task):
         logits = self._logits(self.model, batch)
         # shape: (B,) soft_score_bce per question: its mean over the batch is soft_score_bce of the batch
         question_losses = F.binary_cross_entropy_with_logits(
-            logits, batch["answer_scores"].to(logits.dtype), reduction="none"
+            logits.float(), batch["answer_scores"].float(), reduction="none"
         ).sum(dim=1)
         self.val_loss.update(question_losses, batch["question_id"])
         types = batch.get("answer_types")
