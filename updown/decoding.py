@@ -1,4 +1,4 @@
-"""Greedy decoding, sampling and batched beam search over a step function.
+"""Greedy decoding, sampling, batched beam search and constrained beam search over a step function.
 
 Every function here drives a ``step(tokens, state) -> (logprobs, state, attention)`` callable, such as
 :meth:`updown.models.captioner.UpDownCaptioner.step`:
@@ -20,12 +20,14 @@ on which other images share its batch. Time steps are a Python loop; images and 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from updown.config import Config, NonNegativeFloat, PositiveInt
+from updown.constraints import BatchedAutomata, Constraint, ConstraintAutomaton
 
 State = dict[str, torch.Tensor]
 StepFunction = Callable[..., tuple]
@@ -44,6 +46,8 @@ class DecodingOutput:
             for :func:`beam_search`, equal to ``logprobs`` otherwise.
         attention: ``(N, max_length, R)`` attention weights per generated token, 0 on padding; None
             when the step function returns no attention.
+        constraints_satisfied: ``(N,)`` int64 number of its image's constraints each sequence satisfies
+            (:func:`constrained_beam_search` only; None otherwise).
     """
 
     tokens: torch.Tensor
@@ -52,6 +56,7 @@ class DecodingOutput:
     lengths: torch.Tensor
     scores: torch.Tensor
     attention: torch.Tensor | None
+    constraints_satisfied: torch.Tensor | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -117,6 +122,14 @@ def _call_step(
     if len(result) == 2:
         return result[0], result[1], None
     return result[0], result[1], result[2]
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place modification counter of ``tensor`` (None for inference tensors, which have none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _banned_tokens(
@@ -425,6 +438,247 @@ def beam_search(
         lengths=lengths.gather(1, best.unsqueeze(1)).squeeze(1),
         scores=scores.gather(1, best.unsqueeze(1)).squeeze(1),
         attention=attention_out,
+    )
+
+
+@torch.no_grad()
+def constrained_beam_search(
+    step: StepFunction,
+    state: State,
+    constraints: Sequence[Sequence[Constraint]],
+    *,
+    min_constraints_to_satisfy: int = 2,
+    beam_size: int = 5,
+    max_length: int = 20,
+    length_penalty: float = 0.0,
+    block_repeated_words: bool = False,
+    repeatable_tokens: Sequence[int] = (),
+    block_trigrams: bool = False,
+    suppress_unk: bool = True,
+    bos_index: int = 2,
+    eos_index: int = 3,
+    pad_index: int = 0,
+    unk_index: int = 1,
+) -> DecodingOutput:
+    """Constrained beam search (Anderson et al. 2017, as in the nocaps baseline): a beam per automaton state.
+
+    Each image's constraints define a :class:`updown.constraints.ConstraintAutomaton`; every state of it
+    keeps its own beam of ``beam_size`` hypotheses, and a hypothesis extended by a token moves to the state
+    that token leads to, where it competes with that state's other candidates. All images, states and beams
+    advance together as rows of one ``step`` call; only hypotheses that are alive and unfinished are
+    stepped, so empty beams (early steps, states an image lacks) cost nothing. Ranking, ``<eos>`` handling,
+    the length penalty and the token blocking are :func:`beam_search`'s, so with no constraints the result
+    equals :func:`beam_search`'s. A state tensor that ``step`` returns unchanged (the same object) is taken to
+    be image context, identical for all hypotheses of an image, and is not copied when hypotheses are
+    reordered within their images; ``step`` must not modify state tensors in place.
+
+    The caption returned for an image is the best-scoring hypothesis among the states that satisfy at least
+    ``min(min_constraints_to_satisfy, number of constraints of the image)`` constraints (the nocaps
+    baseline's ``select_best_beam_with_constraints``: an image with fewer constraints must satisfy all of
+    them, one with none is plain beam search). If no hypothesis reaches such a state (``max_length`` too
+    short for the constraints, or blocking forbids them), the best one among those satisfying the most
+    constraints is returned; ``constraints_satisfied`` tells which.
+
+    Args:
+        step: the step function (see the module docstring).
+        state: the initial state, ``B`` rows (one per image).
+        constraints: one entry per image, each a sequence of 0 to 3 :class:`updown.constraints.Constraint`.
+        min_constraints_to_satisfy: constraints the returned caption must satisfy (2 in the nocaps baseline).
+        beam_size: hypotheses kept per image and automaton state.
+        max_length, length_penalty, block_repeated_words, repeatable_tokens, block_trigrams, suppress_unk,
+        bos_index, eos_index, pad_index, unk_index: as in :func:`beam_search`.
+
+    Returns:
+        A :class:`DecodingOutput` with ``B`` rows, as :func:`beam_search`'s, whose ``constraints_satisfied``
+        is ``(B,)`` int64, the number of its image's constraints each caption satisfies.
+    """
+    _check_lengths(max_length, beam_size=beam_size)
+    minimum = min_constraints_to_satisfy
+    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0:
+        raise ValueError(
+            f"constrained_beam_search: min_constraints_to_satisfy must be a non-negative int, got "
+            f"{min_constraints_to_satisfy!r}."
+        )
+    num_images = state_batch_size(state)
+    is_sequence = isinstance(constraints, Sequence) and not isinstance(constraints, (str, bytes))
+    if not is_sequence or len(constraints) != num_images:
+        count = len(constraints) if is_sequence else type(constraints).__name__
+        raise ValueError(
+            f"constrained_beam_search: constraints must hold one sequence of Constraint per image, {num_images} "
+            f"for this state, got {count}; pass [] for an image without constraints."
+        )
+    device = next(iter(state.values())).device
+    always_banned = [pad_index, bos_index] + ([unk_index] if suppress_unk else [])
+    special_tokens = {pad_index: "<pad>", bos_index: "<bos>", eos_index: "<eos>", unk_index: "<unk>"}
+
+    def penalised(sums: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return sums if length_penalty == 0.0 else sums / gnmt_length_penalty(lengths, length_penalty)
+
+    # Hypotheses live in slots (image, automaton state, beam), flattened image-major into num_slots rows.
+    # The step function only sees the `active` slots (alive, unfinished): `state` and `tokens` are aligned
+    # with them. A finished hypothesis keeps its slot and continues with <pad> at no cost, as in beam_search.
+    tokens = torch.full((num_images,), bos_index, dtype=torch.long, device=device)
+    # Keys whose tensor every step has returned untouched (image context such as region features) hold
+    # the same values for all hypotheses of an image, so they need no copy while each image keeps as many
+    # active hypotheses (copying them is most of the cost of reordering at paper sizes); when the counts
+    # change they are rebuilt from the caller's row of each image, after the old copies are released.
+    image_context = dict(state)
+    for position in range(max_length):
+        passed = {key: (value, _version(value)) for key, value in state.items()}
+        logprobs, state, attention = _call_step(step, tokens, state)
+        image_context = {
+            key: value
+            for key, value in image_context.items()
+            if key in state and state[key] is passed[key][0] and _version(state[key]) == passed[key][1]
+        }
+        del passed
+        if position == 0:
+            vocabulary_size = logprobs.size(1)
+            automata = BatchedAutomata.stack(
+                [
+                    ConstraintAutomaton(
+                        image_constraints,
+                        vocabulary_size,
+                        forbidden_tokens=special_tokens,
+                        name=f"constrained_beam_search: constraints[{image}]",
+                    )
+                    for image, image_constraints in enumerate(constraints)
+                ],
+                fill_token=pad_index,
+                device=device,
+            )
+            num_states = automata.num_states
+            slots_per_image = num_states * beam_size
+            num_slots = num_images * slots_per_image
+            # shape: (num_slots,)
+            slot_state = torch.arange(num_slots, device=device) // beam_size % num_states
+            required = automata.num_constraints.clamp(max=minimum)
+            state_ids = torch.arange(num_states, device=device).view(1, num_states, 1)
+            image_offsets = torch.arange(num_images, device=device).unsqueeze(1)
+            # shape: (num_images, slots_per_image)
+            slot_satisfied = automata.satisfied.repeat_interleave(beam_size, dim=1)
+            valid_slot = (slot_satisfied >= required.unsqueeze(1)).view(num_slots)
+            active = torch.arange(num_images, device=device) * slots_per_image
+            sums = torch.full((num_slots,), -math.inf, device=device).index_fill_(0, active, 0.0)
+            lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
+            finished = torch.zeros(num_slots, dtype=torch.bool, device=device)
+            history = torch.zeros(num_slots, 0, dtype=torch.long, device=device)
+            history_logprobs = torch.zeros(num_slots, 0, device=device)
+            history_attention: torch.Tensor | None = None
+
+        # Candidates of each active hypothesis: its beam_size best tokens outside the image's alphabet
+        # (they all lead to one state, so no other can make that state's beam) and every alphabet token.
+        image = active // slots_per_image
+        banned = _banned_tokens(
+            history.index_select(0, active),
+            vocabulary_size,
+            always_banned,
+            block_repeated_words,
+            repeatable_tokens,
+            block_trigrams,
+        )
+        # shape: (num_active, vocabulary_size)
+        logprobs = logprobs.float().masked_fill(banned, -math.inf)
+        # shape: (num_active, alphabet_size)
+        alphabet = automata.alphabet.index_select(0, image)
+        padding = ~automata.alphabet_mask.index_select(0, image)
+        alphabet_logprobs = logprobs.gather(1, alphabet).masked_fill(padding, -math.inf)
+        other_logprobs, other_tokens = logprobs.scatter_(1, alphabet, -math.inf).topk(
+            min(beam_size, vocabulary_size), dim=1
+        )
+        # shape: (num_active, alphabet_size + 1)
+        next_states = automata.transitions[image, slot_state[active]]
+        # shape: (num_active, num_columns)
+        active_logprobs = torch.cat([other_logprobs, alphabet_logprobs], dim=1)
+        active_tokens = torch.cat([other_tokens, alphabet], dim=1)
+        active_targets = torch.cat([next_states[:, -1:].expand_as(other_tokens), next_states[:, :-1]], dim=1)
+        num_columns = active_logprobs.size(1)
+
+        # The same columns for every slot: a finished hypothesis has one, <pad> at no cost into its own
+        # state; an empty slot has none.
+        # shape: (num_slots, num_columns)
+        column_logprobs = torch.full((num_slots, num_columns), -math.inf, device=device)
+        column_logprobs[active] = active_logprobs
+        column_logprobs[:, 0].masked_fill_(finished, 0.0)
+        column_tokens = torch.full((num_slots, num_columns), pad_index, dtype=torch.long, device=device)
+        column_tokens[active] = active_tokens
+        column_targets = slot_state.unsqueeze(1).repeat(1, num_columns)
+        column_targets[active] = active_targets
+        candidate_sums = sums.unsqueeze(1) + column_logprobs
+        candidate_lengths = lengths + (~finished).long()
+        candidate_scores = penalised(candidate_sums, candidate_lengths.unsqueeze(1))
+
+        # Each state's new beam: the beam_size best candidates of its image that lead to it.
+        candidates_per_image = slots_per_image * num_columns
+        # shape: (num_images, num_states, candidates_per_image)
+        leads_there = column_targets.view(num_images, 1, -1) == state_ids
+        masked_scores = torch.where(leads_there, candidate_scores.view(num_images, 1, -1), -math.inf)
+        # shape: (num_images, num_states, beam_size)
+        best_scores, chosen = masked_scores.topk(beam_size, dim=2)
+        # shape: (num_slots,), index into the flattened (num_slots, num_columns) candidates
+        chosen = (chosen.view(num_images, -1) + image_offsets * candidates_per_image).view(-1)
+        parents = chosen // num_columns
+        sums = candidate_sums.view(-1)[chosen].masked_fill(best_scores.view(-1) == -math.inf, -math.inf)
+        lengths = candidate_lengths[parents]
+        new_tokens = column_tokens.view(-1)[chosen]
+        was_finished = finished[parents]
+        alive = sums > -math.inf
+        finished = alive & (was_finished | (new_tokens == eos_index))
+
+        # Parents that were stepped give their row; finished and empty ones give -1.
+        row_of_slot = torch.full((num_slots,), -1, dtype=torch.long, device=device)
+        row_of_slot[active] = torch.arange(active.numel(), device=device)
+        parent_rows = row_of_slot[parents]
+        history = torch.cat([history[parents], new_tokens.unsqueeze(1)], dim=1)
+        chosen_logprobs = column_logprobs.view(-1)[chosen]
+        history_logprobs = torch.cat([history_logprobs[parents], chosen_logprobs.unsqueeze(1)], dim=1)
+        if attention is not None:
+            # shape: (num_slots, num_boxes)
+            step_attention = attention[parent_rows.clamp(min=0)] * (parent_rows >= 0).unsqueeze(1)
+            previous = [] if history_attention is None else [history_attention[parents]]
+            history_attention = torch.cat([*previous, step_attention.unsqueeze(1)], dim=1)
+        active = (alive & ~finished).nonzero().squeeze(1)
+        rows = parent_rows[active]
+        active_images = active // slots_per_image
+        if torch.equal(active_images, image):
+            state = {key: value if key in image_context else value[rows] for key, value in state.items()}
+        else:  # release the old copies of the image context before making the new ones
+            state = {key: None if key in image_context else value[rows] for key, value in state.items()}
+            state = {
+                key: value if value is not None else image_context[key][active_images]
+                for key, value in state.items()
+            }
+        tokens = new_tokens[active]
+
+        # As in beam_search: stop once, for every image, a finished hypothesis in an acceptable state scores
+        # at least what any unfinished one (in any state) could still reach.
+        scores = penalised(sums, lengths)
+        best_finished = scores.masked_fill(~(finished & valid_slot), -math.inf).view(num_images, -1).amax(1)
+        most_favourable = torch.maximum(
+            gnmt_length_penalty(lengths + 1, length_penalty),
+            gnmt_length_penalty(torch.full_like(lengths, max_length), length_penalty),
+        )
+        bound = (sums / most_favourable).masked_fill(~(alive & ~finished), -math.inf)
+        bound = bound.view(num_images, -1).amax(1)
+        if active.numel() == 0 or bool((best_finished >= bound).all()):
+            break
+
+    # The best hypothesis among the acceptable states, else among those satisfying the most constraints.
+    scores = penalised(sums, lengths).view(num_images, -1)
+    rank = torch.minimum(slot_satisfied, required.unsqueeze(1)).masked_fill(~alive.view(num_images, -1), -1)
+    best = scores.masked_fill(rank != rank.amax(dim=1, keepdim=True), -math.inf).argmax(dim=1)
+    rows = best + torch.arange(num_images, device=device) * slots_per_image
+    attention_out = None
+    if history_attention is not None:
+        attention_out = _pad_columns(history_attention[rows], max_length, 0.0)
+    return DecodingOutput(
+        tokens=_pad_columns(history[rows], max_length, pad_index),
+        logprobs=sums[rows],
+        token_logprobs=_pad_columns(history_logprobs[rows], max_length, 0.0),
+        lengths=lengths[rows],
+        scores=scores.gather(1, best.unsqueeze(1)).squeeze(1),
+        attention=attention_out,
+        constraints_satisfied=slot_satisfied.gather(1, best.unsqueeze(1)).squeeze(1),
     )
 
 
