@@ -48,3 +48,16 @@ def test_evaluation_items_carry_raw_references(tiny_world):
 def test_pad_sequences():
     tokens, lengths = pad_sequences([[2, 5, 3], [2, 3]], pad_index=0)
     assert tokens.tolist() == [[2, 5, 3], [2, 3, 0]] and lengths.tolist() == [3, 2]
+
+
+def test_training_captions_come_back_exactly_from_the_flat_token_array(tiny_world):
+    # The dataset keeps every caption's tokens in one array with offsets (no per-caption Python lists, which
+    # workers would copy): each image's captions must come back as encoding its tokens would give them.
+    features = RegionFeatures(tiny_world.features_h5path)
+    images = read_prepared_captions(tiny_world.captions_dir / "captions.json", ["train"])
+    vocabulary = Vocabulary.from_file(tiny_world.captions_dir / "vocabulary.json")
+    dataset = CaptionTrainingDataset(features, images, vocabulary, max_caption_length=6)
+    for index, image in enumerate(images):
+        regions, captions = dataset[index]
+        assert regions.image_id == image.image_id
+        assert captions == [vocabulary.encode(tokens[:6]) for tokens in image.tokens]

@@ -227,7 +227,9 @@ def test_every_dataset_carries_a_checksum_per_chunk(tmp_path):
         assert f["features"].chunks == (1, 4, 8)
 
 
-@pytest.mark.parametrize("mode", [{}, {"in_memory": True}, {"check_finite": True}])
+@pytest.mark.parametrize(
+    "mode", [{}, {"in_memory": True}, {"feature_store": "device"}, {"check_finite": True}]
+)
 def test_a_damaged_feature_block_names_the_file_the_image_and_the_fix(tmp_path, mode):
     path = tmp_path / "f.h5"
     written = write_features(path, [2, 3, 4])
@@ -322,7 +324,7 @@ def test_implausible_files_are_refused_when_opened(tmp_path, change, message):
     path = tmp_path / "f.h5"
     write_features(path, [2, 3])
     change(path)
-    for mode in ({}, {"in_memory": True}):
+    for mode in ({}, {"in_memory": True}, {"feature_store": "device"}):
         with pytest.raises(ValueError, match=message) as error:
             RegionFeatures(path, **mode)
         assert str(path) in str(error.value)
@@ -357,7 +359,7 @@ def test_implausible_images_are_refused_when_read_or_scanned(tmp_path, name, edi
     with pytest.raises(ValueError, match=message + ".*for image 107; re-convert or re-download") as error:
         lazy[107]
     assert str(error.value).startswith(str(path))
-    for mode in ({"in_memory": True}, {"check_finite": True}):
+    for mode in ({"in_memory": True}, {"feature_store": "device"}, {"check_finite": True}):
         with pytest.raises(ValueError, match=message):
             RegionFeatures(path, **mode)
 

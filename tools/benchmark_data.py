@@ -1,35 +1,63 @@
-"""Images/s through the DataLoader for 36 x 2048 region features, against a plain numpy copy as the ceiling.
+"""Images/s of the training DataLoader, against two ceilings measured in the same run.
 
-    python tools/benchmark_data.py [--images 1000] [--batch-size 50] [--repeats 3]
+    python tools/benchmark_data.py --features FILE.h5 [--images 2000] [--batch-size 50] [--rounds 3]
+        [--workers 0 2 4] [--caches cold warm] [--stores disk host device]
+    python tools/benchmark_data.py          # on a temporary 36 x 2048 float16 file of --images images
 
-Rows: float32 / float16 files, lazy (read per item from HDF5) vs in-memory, 0 and 2 workers. The ceiling
-copies the same bytes (36 x 2048 float32 per image, into a batch array) with numpy from memory: no reader
-can deliver batches faster than that. Files are read from the page cache (a warm-up epoch runs first), which is
-how a training run sees them after its first epoch. Prints a markdown table for docs/benchmarks.md.
+What is measured, per pass over ``--images`` images of the file (a random sample of its rows, in a shuffled
+order, batches of ``--batch-size``):
+
+- ceiling "memcpy": each image's float32 features copied from memory into a preallocated pinned tensor
+  (pageable when CUDA is absent): the host side of handing a batch to the accelerator, with no reader at all.
+- ceiling "h5py chunks": ``read_direct_chunk`` of each image's features and boxes chunks, in the same order, in
+  one process: the file's bytes through HDF5's chunk index, without checksum, conversion or checks.
+- for reference, "h5py reads, checksum verified": ``dataset[row]`` of the same chunks, through HDF5's filter
+  pipeline (the Fletcher-32 check every reader of these files pays), in one process.
+- the loader: the project's path (``RegionFeatures`` -> dataset -> ``collate_regions`` -> ``DataLoader``) with
+  0, 2 or 4 workers, each batch consumed as training consumes it: its features copied into the same pinned
+  tensor. Worker start-up is excluded (persistent workers, started on other images first).
+  ``disk`` reads per item from the file; ``host`` and ``device`` (``device`` = CPU here when CUDA is absent)
+  load a copy of the sampled images once, so the page cache does not matter to them.
+
+Cache states (``disk`` and "h5py chunks"): ``cold`` evicts the file's pages before the pass with
+``posix_fadvise(POSIX_FADV_DONTNEED)`` (no root needed; the report shows the file's cached bytes before and after
+eviction, from ``fincore`` when installed), ``warm`` reads the sample once first. Use a file larger than the
+machine's memory (COCO: 18 GB) for cold numbers that mean something.
+
+Passes alternate their order every round (the machine may be shared); the table reports the median images/s
+of ``--rounds`` rounds, each loader row as a percentage of both ceilings of the same cache state.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
 from updown.data.datasets import collate_regions  # noqa: E402
 from updown.data.readers import RegionFeatures  # noqa: E402
 from updown.data.writers import RegionFeaturesWriter  # noqa: E402
 
-BOXES, DIM = 36, 2048
 
+class _ImageRows(Dataset):
+    """Item ``i``: the regions of the reader's ``i``-th image (file order)."""
 
-class RegionDataset(Dataset):
     def __init__(self, reader: RegionFeatures) -> None:
         self.reader = reader
         self.ids = reader.image_ids
@@ -41,82 +69,264 @@ class RegionDataset(Dataset):
         return self.reader[self.ids[index]]
 
 
-def write_file(path: Path, images: int, dtype: str) -> None:
-    rng = np.random.default_rng(0)
-    block = rng.random((BOXES, DIM), dtype=np.float32)
-    boxes = np.tile(np.array([[0, 0, 10, 10]], dtype=np.float32), (BOXES, 1))
-    with RegionFeaturesWriter(path, BOXES, DIM, dtype=dtype, force=True) as writer:
-        for i in range(images):
-            writer.add(i + 1, block + i, boxes, 640, 480)
+class _SettableOrder(Sampler):
+    """Yields whatever order was last set: persistent workers serve a start-up pass, then the measured one."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
-def loader_rate(path: Path, in_memory: bool, workers: int, batch_size: int, repeats: int) -> float:
-    reader = RegionFeatures(path, in_memory=in_memory)
-    loader = DataLoader(
-        RegionDataset(reader),
-        batch_size=batch_size,
-        shuffle=True,
-        num_workers=workers,
-        collate_fn=collate_regions,
-        persistent_workers=workers > 0,
+def evict(path: Path) -> None:
+    """Drop the file's pages from the page cache (clean pages; no root needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cached_bytes(path: Path) -> str:
+    """The file's bytes in the page cache, as ``fincore`` reports them (or "?" without fincore)."""
+    if shutil.which("fincore") is None:
+        return "?"
+    result = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], capture_output=True, text=True
     )
-    for _ in loader:  # warm-up: page cache, worker start-up
-        pass
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for batch in loader:
-            batch["image_features"].sum()  # touch the data as a model would
-    return repeats * len(reader) / (time.perf_counter() - start)
+    return result.stdout.strip() or "?"
 
 
-def ceiling_rate(images: int, batch_size: int, repeats: int) -> float:
-    """The same work as the loader's collate, minus the reader: per-row copies of in-memory arrays into a
-    fresh batch tensor, then the same touch. Best of two passes (the first warms the allocator)."""
-    source = np.random.default_rng(0).random((images, BOXES, DIM), dtype=np.float32)
-    best = 0.0
-    for _ in range(2):
+def chunk_pass(path: Path, rows: list[int]) -> float:
+    """Seconds to read each row's features and boxes chunks, raw (the h5py ceiling)."""
+    with h5py.File(path, "r", rdcc_nbytes=0) as f:
+        features, boxes = f["features"].id, f["boxes"].id
         start = time.perf_counter()
-        for _ in range(repeats):
-            order = np.random.permutation(images)
-            for first in range(0, images, batch_size):
-                rows = order[first : first + batch_size]
-                batch = torch.zeros((len(rows), BOXES, DIM), dtype=torch.float32)
-                batch_np = batch.numpy()
-                for j, row in enumerate(rows):
-                    batch_np[j] = source[row]
-                batch.sum()
-        best = max(best, repeats * images / (time.perf_counter() - start))
-    return best
+        for row in rows:
+            features.read_direct_chunk((row, 0, 0))
+            boxes.read_direct_chunk((row, 0, 0))
+        return time.perf_counter() - start
+
+
+def verified_pass(path: Path, rows: list[int]) -> float:
+    """Seconds to read each row's features and boxes through h5py with HDF5's filters (the Fletcher-32 checksum
+    verified): what any checked reader pays at least."""
+    with h5py.File(path, "r", rdcc_nbytes=0) as f:
+        features, boxes = f["features"], f["boxes"]
+        start = time.perf_counter()
+        for row in rows:
+            features[row]
+            boxes[row]
+        return time.perf_counter() - start
+
+
+def memcpy_pass(source: torch.Tensor, rows: list[int], staging: torch.Tensor, batch_size: int) -> float:
+    """Seconds to copy each row's float32 features from memory into the preallocated (pinned) batch."""
+    start = time.perf_counter()
+    for first in range(0, len(rows), batch_size):
+        for j, row in enumerate(rows[first : first + batch_size]):
+            staging[j].copy_(source[row % source.shape[0]])
+    return time.perf_counter() - start
+
+
+class LoaderCase:
+    """A DataLoader over one reader with persistent workers, ready to time a pass in a given order."""
+
+    def __init__(
+        self, reader: RegionFeatures, workers: int, batch_size: int, startup_rows: list[int], rows: list[int]
+    ) -> None:
+        self.reader, self.rows = reader, rows
+        self.sampler = _SettableOrder()
+        self.loader = DataLoader(
+            _ImageRows(reader),
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            collate_fn=collate_regions,
+            persistent_workers=workers > 0,
+        )
+        self.sampler.order = startup_rows
+        for _ in self.loader:  # starts the workers (kept), on images outside the measured sample
+            pass
+
+    def run(self, staging: torch.Tensor) -> float:
+        """Seconds for one pass over the measured rows, each batch's features copied into ``staging``."""
+        self.sampler.order = self.rows
+        start = time.perf_counter()
+        for batch in self.loader:
+            features = self.reader.gather_batch(batch)["image_features"]
+            staging[: features.shape[0], : features.shape[1]].copy_(features)
+        return time.perf_counter() - start
+
+
+def write_sample_copy(source: Path, rows: list[int], target: Path) -> None:
+    """The sampled rows of ``source`` as a file of their own (for the in-memory stores), through the writer."""
+    with h5py.File(source, "r") as f:
+        features, boxes = f["features"], f["boxes"]
+        with RegionFeaturesWriter(
+            target, features.shape[1], features.shape[2], dtype=str(features.dtype), force=True
+        ) as writer:
+            for row in sorted(rows):
+                n = int(f["num_boxes"][row])
+                writer.add(
+                    int(f["image_id"][row]),
+                    features[row, :n],
+                    boxes[row, :n],
+                    float(f["image_w"][row]),
+                    float(f["image_h"][row]),
+                )
+
+
+def write_test_file(path: Path, images: int) -> None:
+    """A 36 x 2048 float16 file (when no --features is given)."""
+    rng = np.random.default_rng(0)
+    block = rng.random((36, 2048), dtype=np.float32)
+    boxes = np.tile(np.array([[0, 0, 10, 10]], dtype=np.float32), (36, 1))
+    with RegionFeaturesWriter(path, 36, 2048, dtype="float16", force=True) as writer:
+        for i in range(images):
+            writer.add(i + 1, block + (i % 13), boxes, 640, 480)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    ceiling = ceiling_rate(args.images, args.batch_size, args.repeats)
-    rows = [("numpy copy (ceiling)", "float32", "-", "-", ceiling)]
-    with tempfile.TemporaryDirectory() as folder:
-        for dtype in ("float32", "float16"):
-            path = Path(folder) / f"{dtype}.h5"
-            write_file(path, args.images, dtype)
-            for in_memory in (False, True):
-                for workers in (0, 2):
-                    rate = loader_rate(path, in_memory, workers, args.batch_size, args.repeats)
-                    rows.append(
-                        ("DataLoader", dtype, "in-memory" if in_memory else "lazy", str(workers), rate)
-                    )
-    print(
-        f"{args.images} images of {BOXES} x {DIM}, batch {args.batch_size}, shuffled, {args.repeats} epochs\n"
+    parser.add_argument(
+        "--features", type=Path, help="an HDF5 feature file (padded layout); default: temporary"
     )
-    print("| reader | dtype | storage | workers | images/s | % of ceiling |")
-    print("|---|---|---|---|---:|---:|")
-    for reader, dtype, storage, workers, rate in rows:
-        print(f"| {reader} | {dtype} | {storage} | {workers} | {rate:,.0f} | {100 * rate / ceiling:.0f}% |")
+    parser.add_argument("--images", type=int, default=2000, help="images per pass (a random sample of rows)")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
+    parser.add_argument("--caches", nargs="+", choices=["cold", "warm"], default=["cold", "warm"])
+    parser.add_argument(
+        "--stores", nargs="+", choices=["disk", "host", "device"], default=["disk", "host", "device"]
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    # One intra-op thread: the copies run where they are issued (a loader worker has one thread too).
+    torch.set_num_threads(1)
+    # More workers than cores is what this measures; torch's warning about it would only repeat that.
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
+    folder = Path(tempfile.mkdtemp(prefix="benchmark_data_"))
+    try:
+        path = args.features
+        if path is None:
+            path = folder / "features.h5"
+            write_test_file(path, args.images + 4 * args.batch_size * max(args.workers))
+        return run(args, path, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(args, path: Path, folder: Path) -> int:
+    load_before = load_average()
+    started = time.perf_counter()
+    disk = RegionFeatures(path)
+    open_seconds = time.perf_counter() - started
+    n = len(disk)
+    rng = np.random.default_rng(args.seed)
+    startup_count = 2 * args.batch_size * max(max(args.workers), 1)
+    if args.images + startup_count > n:
+        raise SystemExit(
+            f"{path}: holds {n} images, fewer than --images {args.images} + {startup_count} start-up."
+        )
+    sample = rng.choice(n, size=args.images + startup_count, replace=False)
+    rows, startup_rows = [int(r) for r in sample[: args.images]], [int(r) for r in sample[args.images :]]
+    max_boxes, dim = disk.max_boxes, disk.feature_size
+    with h5py.File(path, "r") as f:
+        dtype = f["features"].dtype
+
+    pin = torch.cuda.is_available()
+    staging = torch.empty((args.batch_size, max_boxes, dim), dtype=torch.float32, pin_memory=pin)
+    source = torch.from_numpy(
+        np.random.default_rng(1).random((min(500, args.images), max_boxes, dim), np.float32)
+    )
+
+    eviction = ""
+    if "cold" in args.caches:
+        chunk_pass(path, rows)
+        before = cached_bytes(path)
+        evict(path)
+        eviction = f"page cache of the file: {before} bytes after a pass, {cached_bytes(path)} after eviction"
+
+    cases: dict[tuple[str, int], LoaderCase] = {}
+    file_ids = disk.image_ids
+    for store in args.stores:
+        if store == "disk":
+            reader, order, startup = disk, rows, startup_rows
+        else:
+            # The in-memory stores hold a copy of the sampled images (the whole file need not fit in memory).
+            copy = folder / "sample.h5"
+            if not copy.exists():
+                write_sample_copy(path, rows + startup_rows, copy)
+            reader = RegionFeatures(copy, feature_store=store)
+            position = {image_id: i for i, image_id in enumerate(reader.image_ids)}
+            order = [position[file_ids[r]] for r in rows]
+            startup = [position[file_ids[r]] for r in startup_rows]
+        for workers in args.workers:
+            cases[store, workers] = LoaderCase(reader, workers, args.batch_size, startup, order)
+
+    passes = []  # (label, cache, function returning seconds)
+    for cache in args.caches:
+        prepare = (lambda: evict(path)) if cache == "cold" else (lambda: chunk_pass(path, rows))
+        passes.append((("h5py chunks (ceiling)", cache, "-"), prepare, lambda: chunk_pass(path, rows)))
+        passes.append(
+            (("h5py reads, checksum verified", cache, "-"), prepare, lambda: verified_pass(path, rows))
+        )
+        for workers in args.workers:
+            if "disk" in args.stores:
+                case = cases["disk", workers]
+                passes.append((("disk", cache, workers), prepare, lambda c=case: c.run(staging)))
+    passes.append(
+        (("memcpy (ceiling)", "-", "-"), None, lambda: memcpy_pass(source, rows, staging, args.batch_size))
+    )
+    for store in args.stores:
+        if store != "disk":
+            for workers in args.workers:
+                case = cases[store, workers]
+                passes.append(((store, "in memory", workers), None, lambda c=case: c.run(staging)))
+
+    rates: dict[tuple, list[float]] = defaultdict(list)
+    for round_index in range(args.rounds):
+        ordered = passes if round_index % 2 == 0 else passes[::-1]
+        for label, prepare, measure in ordered:
+            if prepare is not None:
+                prepare()
+            rates[label].append(len(rows) / measure())
+        print(f"round {round_index + 1}/{args.rounds} done, load average {load_average()}", file=sys.stderr)
+
+    median = {label: statistics.median(values) for label, values in rates.items()}
+    memcpy = median["memcpy (ceiling)", "-", "-"]
+    size = path.stat().st_size
+    print(
+        f"{path} ({size / 1e9:.1f} GB, {n:,} images of {max_boxes} x {dim} {dtype} features); "
+        f"{args.images} sampled images per pass, shuffled, batch {args.batch_size}; median of "
+        f"{args.rounds} rounds; reader opened in {open_seconds:.2f} s; CUDA pinned staging: {pin}; "
+        f"load average {load_before} before, {load_average()} after (`uptime`, {os.cpu_count()} CPUs)."
+    )
+    if eviction:
+        print(eviction + ".")
+    print()
+    print("| path | page cache | workers | images/s | % of memcpy | % of h5py chunks |")
+    print("|---|---|---|---:|---:|---:|")
+    for label, _, _ in passes:
+        path_name, cache, workers = label
+        rate = median[label]
+        # In-memory stores are compared with the warm ceiling.
+        chunks = median.get(("h5py chunks (ceiling)", "warm" if cache == "in memory" else cache, "-"))
+        chunk_share = f"{100 * rate / chunks:.0f}%" if chunks else "-"
+        print(
+            f"| {path_name} | {cache} | {workers} | {rate:,.0f} | {100 * rate / memcpy:.0f}% | {chunk_share} |"
+        )
     return 0
 
 

@@ -23,6 +23,9 @@ class RegionBatch(TypedDict):
         image_features_mask: ``(B, R)`` bool, True for a real box. Never infer it from zero features.
         image_boxes: ``(B, R, 4)`` float32 x1, y1, x2, y2 in pixels.
         image_spatial: ``(B, R, 5)`` float32 (x1/w, y1/h, x2/w, y2/h, area/(w*h)).
+
+    With the ``device`` feature store, ``image_features`` is filled only once the batch is on its device: until
+    then the batch holds :data:`FEATURES_INDEX_KEY` instead.
     """
 
     image_id: torch.Tensor
@@ -30,6 +33,12 @@ class RegionBatch(TypedDict):
     image_features_mask: torch.Tensor
     image_boxes: torch.Tensor
     image_spatial: torch.Tensor
+
+
+#: ``(B,)`` int64 rows of the ``device`` feature store (updown/data/feature_store.py). It lives only between
+#: the collate function and ``on_after_batch_transfer``, which replaces it with ``image_features`` gathered on
+#: the device; no task or model ever sees it.
+FEATURES_INDEX_KEY = "image_features_index"
 
 
 class CaptionTrainBatch(RegionBatch):

@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from updown.config import NonNegativeInt, PositiveInt, check_arguments
+from updown.data.feature_store import FeatureStoreKind, resolve_feature_store
 from updown.data.readers import RegionFeatures
 from updown.data.samplers import ResumableTrainingOrder
 from updown.data.synthetic import SyntheticSpec, SyntheticWorld, ensure_synthetic_world
@@ -128,7 +129,11 @@ class RegionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
         batch_size: training items per batch (what an item is depends on the task).
         eval_batch_size: items per batch when evaluating or predicting.
         num_workers: DataLoader worker processes (a machine setting).
-        in_memory: load all features into memory once (fast epochs, needs the RAM).
+        feature_store: where the region features live (:mod:`updown.data.feature_store`; a machine setting):
+            ``disk`` (read per item, bounded memory), ``host`` (all in host memory, in the file's dtype) or
+            ``device`` (all on the accelerator, batches gathered there: no features cross the host-to-device
+            link per batch). None: ``disk``, or ``host`` with the older ``in_memory: true``.
+        in_memory: the older name of ``feature_store: host`` (still accepted; not together with another store).
         data_root: where the synthetic world is cached (default ``$UPDOWN_DATA`` or the user cache dir).
         synthetic: parameters of the synthetic world, used when ``features_h5path`` is None.
     """
@@ -144,6 +149,7 @@ class RegionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
         batch_size: PositiveInt = 20,
         eval_batch_size: PositiveInt = 50,
         num_workers: NonNegativeInt = 0,
+        feature_store: FeatureStoreKind | None = None,
         in_memory: bool = False,
         data_root: str | None = None,
         synthetic: SyntheticSpec | None = None,
@@ -158,7 +164,9 @@ class RegionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
         self.train_splits = list(train_splits or self.default_train_splits)
         self.val_split, self.test_split = val_split, test_split
         self.batch_size, self.eval_batch_size = self.hparams.batch_size, self.hparams.eval_batch_size
-        self.num_workers, self.in_memory = self.hparams.num_workers, in_memory
+        self.num_workers = self.hparams.num_workers
+        self.feature_store = resolve_feature_store(feature_store, in_memory, "data.init_args")
+        self.in_memory = self.feature_store == "host"
         self.data_root = data_root
         # Checkpoints store the spec as a plain dict.
         self.synthetic = SyntheticSpec(**synthetic) if isinstance(synthetic, dict) else synthetic
@@ -197,11 +205,24 @@ class RegionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
             self.features_h5path = str(world.features_h5path)
 
     def open_features(self) -> RegionFeatures:
-        """The region-feature reader every split shares (opened once)."""
+        """The region-feature reader every split shares (opened once). The ``device`` store loads onto the
+        Trainer's device when one is attached (``setup`` runs after the Trainer chose it), else onto the CPU
+        (moved on the first batch)."""
         if self.features is None:
             self.resolve_paths()
-            self.features = RegionFeatures(self.features_h5path, in_memory=self.in_memory)
+            trainer = getattr(self, "trainer", None)
+            device = trainer.strategy.root_device if trainer is not None else "cpu"
+            self.features = RegionFeatures(
+                self.features_h5path, feature_store=self.feature_store, device=device
+            )
         return self.features
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With the ``device`` feature store, gather the batch's features on its device (the collate function
+        sent only their rows); any other batch passes unchanged."""
+        if self.features is not None and isinstance(batch, dict):
+            return self.features.gather_batch(batch)
+        return batch
 
     def dataset(self, split: str) -> Dataset:
         """The evaluation dataset of ``split`` (built once)."""

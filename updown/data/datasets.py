@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, get_worker_info
 from updown.data.caption_preparation import ImageCaptions
 from updown.data.readers import RegionFeature, RegionFeatures
 from updown.data.vocabulary import Vocabulary
-from updown.types import CaptionEvalBatch, CaptionTrainBatch, RegionBatch
+from updown.types import FEATURES_INDEX_KEY, CaptionEvalBatch, CaptionTrainBatch, RegionBatch
 
 
 def collate_regions(regions: Sequence[RegionFeature]) -> RegionBatch:
@@ -27,51 +27,53 @@ def collate_regions(regions: Sequence[RegionFeature]) -> RegionBatch:
     Returns:
         A dict with ``image_id (B,)``, ``image_features (B, R, D)``, ``image_features_mask (B, R)`` (True for
         a real box; padding is never inferred from zero features), ``image_boxes (B, R, 4)`` and
-        ``image_spatial (B, R, 5)``.
+        ``image_spatial (B, R, 5)``. Regions of the ``device`` feature store (``features`` None) give
+        ``image_features_index (B,)`` int64, their rows in the store, instead of ``image_features``: the
+        features are gathered once the batch is on its device
+        (:meth:`~updown.data.readers.RegionFeatures.gather_batch`).
     """
     batch_size = len(regions)
     max_boxes = max(r.num_boxes for r in regions)
-    feature_size = regions[0].features.shape[1]
-    # shape: (B, R, D)
-    features = _batch_tensor((batch_size, max_boxes, feature_size), torch.float32)
     boxes = _batch_tensor((batch_size, max_boxes, 4), torch.float32)
     spatial = _batch_tensor((batch_size, max_boxes, 5), torch.float32)
     mask = _batch_tensor((batch_size, max_boxes), torch.bool)
-    features_np, boxes_np, spatial_np, mask_np = (
-        features.numpy(),
-        boxes.numpy(),
-        spatial.numpy(),
-        mask.numpy(),
-    )
+    boxes_np, spatial_np, mask_np = boxes.numpy(), spatial.numpy(), mask.numpy()
     for i, r in enumerate(regions):
         n = r.num_boxes
-        features_np[i, :n], boxes_np[i, :n], spatial_np[i, :n], mask_np[i, :n] = (
-            r.features,
-            r.boxes,
-            r.spatial,
-            True,
+        boxes_np[i, :n], spatial_np[i, :n], mask_np[i, :n] = r.boxes, r.spatial, True
+    batch: RegionBatch = {"image_id": torch.tensor([r.image_id for r in regions], dtype=torch.long)}
+    if regions[0].features is None:
+        batch[FEATURES_INDEX_KEY] = torch.tensor([r.store_row for r in regions], dtype=torch.long)
+    else:
+        # shape: (B, R, D)
+        features = _batch_tensor(
+            (batch_size, max_boxes, regions[0].features.shape[1]), torch.float32, zero=False
         )
-    return {
-        "image_id": torch.tensor([r.image_id for r in regions], dtype=torch.long),
-        "image_features": features,
-        "image_features_mask": mask,
-        "image_boxes": boxes,
-        "image_spatial": spatial,
-    }
+        # numpy copies in this thread (a torch copy this size would go to the intra-op pool). Every element is
+        # written once: the real rows copied, the padding zeroed (zeroing it all first doubles the writes).
+        features_np = features.numpy()
+        for i, r in enumerate(regions):
+            features_np[i, : r.num_boxes] = r.features
+            features_np[i, r.num_boxes :] = 0
+        batch["image_features"] = features
+    batch.update(image_features_mask=mask, image_boxes=boxes, image_spatial=spatial)
+    return batch
 
 
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor; in a DataLoader worker, in shared memory, so sending it to the main process copies nothing.
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = True) -> torch.Tensor:
+    """A zero tensor (uninitialised with ``zero=False``, for a caller that writes every element); in a DataLoader
+    worker, in shared memory, so sending it to the main process copies nothing.
 
     (Lightning's and PyTorch's default collate do the same; without it every batch is copied once more.)
     """
     if get_worker_info() is None:
-        return torch.zeros(shape, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype) if zero else torch.empty(shape, dtype=dtype)
     # Allocate straight in shared memory (as torch's default_collate does): share_memory_() on a tensor
     # would allocate, zero and then copy it.
     numel = math.prod(shape)
     storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
-    return torch.empty(0, dtype=dtype).new(storage).resize_(shape).zero_()
+    tensor = torch.empty(0, dtype=dtype).new(storage).resize_(shape)
+    return tensor.zero_() if zero else tensor
 
 
 def pad_sequences(
@@ -108,17 +110,31 @@ class CaptionTrainingDataset(Dataset):
         max_caption_length: int = 20,
     ) -> None:
         self.features = features
-        self.image_ids = [image.image_id for image in images]
-        self.captions = [
-            [vocabulary.encode(tokens[:max_caption_length]) for tokens in image.tokens] for image in images
+        self.image_ids = np.array([image.image_id for image in images], dtype=np.int64)
+        # Every caption's token indices in one flat array, with offsets, instead of a list of lists of ints:
+        # a DataLoader worker that reads a Python object writes its reference count, which copies the page it
+        # lies on out of the memory shared with the main process, so at COCO scale (616,767 captions, ~7M
+        # tokens) lists would grow each worker by hundreds of MB over an epoch; numpy arrays are never written.
+        encoded = [
+            vocabulary.encode(tokens[:max_caption_length]) for image in images for tokens in image.tokens
         ]
+        self._tokens = np.fromiter((t for caption in encoded for t in caption), dtype=np.int32)
+        # Caption c is _tokens[_caption_starts[c] : _caption_starts[c + 1]]; image i has the captions
+        # _image_starts[i] : _image_starts[i + 1].
+        self._caption_starts = np.cumsum([0] + [len(caption) for caption in encoded], dtype=np.int64)
+        self._image_starts = np.cumsum([0] + [len(image.tokens) for image in images], dtype=np.int64)
         self.pad_index = vocabulary.pad_index
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def captions(self, index: int) -> list[list[int]]:
+        """The token indices of every caption of image ``index``."""
+        bounds = self._caption_starts[self._image_starts[index] : self._image_starts[index + 1] + 1].tolist()
+        return [self._tokens[start:stop].tolist() for start, stop in zip(bounds[:-1], bounds[1:])]
+
     def __getitem__(self, index: int) -> tuple[RegionFeature, list[list[int]]]:
-        return self.features[self.image_ids[index]], self.captions[index]
+        return self.features[int(self.image_ids[index])], self.captions(index)
 
     def collate(self, items) -> CaptionTrainBatch:
         """Stack images once; list every caption with ``image_index`` into the image rows.

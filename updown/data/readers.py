@@ -24,6 +24,9 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
+
+from updown.data.feature_store import DeviceFeatureStore, resolve_feature_store
 
 REQUIRED_PADDED = ("image_id", "features", "boxes", "num_boxes", "image_w", "image_h")
 REQUIRED_VARLEN = ("image_id", "features", "boxes", "num_boxes", "width", "height")
@@ -38,22 +41,46 @@ class RegionFeature:
 
     Attributes:
         image_id: COCO image id.
-        features: ``(num_boxes, D)`` float32.
+        features: ``(num_boxes, D)`` float32; None with the ``device`` feature store, whose batches gather the
+            features on the device from ``store_row``.
         boxes: ``(num_boxes, 4)`` float32 x1, y1, x2, y2 in pixels.
         spatial: ``(num_boxes, 5)`` float32 (x1/w, y1/h, x2/w, y2/h, area/(w*h)).
         image_w, image_h: image size in pixels.
+        store_row: the image's row in the device feature store (``device`` store only).
     """
 
     image_id: int
-    features: np.ndarray
+    features: np.ndarray | None
     boxes: np.ndarray
     spatial: np.ndarray
     image_w: float
     image_h: float
+    store_row: int | None = None
 
     @property
     def num_boxes(self) -> int:
-        return self.features.shape[0]
+        return self.boxes.shape[0]
+
+
+# Elements per torch copy in as_float32: below torch's parallel grain size (32768), so each copy runs in the
+# calling thread. Copies handed to the intra-op pool were 10-30x slower on a loaded 2-core machine (the pool's
+# threads wait for cores), and a DataLoader worker has one thread anyway.
+_SERIAL_COPY = 16384
+
+
+def as_float32(values: np.ndarray) -> np.ndarray:
+    """``values`` as float32; float16 is converted by torch's vectorised copy, 6-10x faster than numpy's
+    ``astype`` (about 100 us for one 36 x 2048 image, more than reading it from the page cache)."""
+    if values.dtype == np.float32:
+        return values
+    if values.dtype != np.float16:
+        return values.astype(np.float32)
+    out = np.empty(values.shape, dtype=np.float32)
+    source = torch.from_numpy(np.ascontiguousarray(values)).reshape(-1)
+    target = torch.from_numpy(out).reshape(-1)
+    for start in range(0, source.numel(), _SERIAL_COPY):
+        target[start : start + _SERIAL_COPY].copy_(source[start : start + _SERIAL_COPY])
+    return out
 
 
 def spatial_features(boxes: np.ndarray, image_w: float, image_h: float) -> np.ndarray:
@@ -248,7 +275,7 @@ def _flag_padded_rows(
     """
     real = np.arange(features.shape[1])[None, :] < num_boxes[:, None]
     # numpy reduces float16 several times slower than float32.
-    features = features.astype(np.float32, copy=False)
+    features = as_float32(features)
     # shape: (B, max_boxes)
     with np.errstate(invalid="ignore"):
         peak = np.maximum(features.max(axis=2), -features.min(axis=2)).astype(np.float64)
@@ -261,10 +288,16 @@ def _flag_padded_rows(
 
 
 class _FeatureFile:
-    """One validated HDF5 file: metadata in memory, feature handle opened lazily per process."""
+    """One validated HDF5 file: metadata in memory, feature handle opened lazily per process.
 
-    def __init__(self, h5path: Path, in_memory: bool, check_finite: bool) -> None:
+    ``store`` is where its features live (:mod:`updown.data.feature_store`): ``disk`` reads them per item,
+    ``host`` loads features and boxes here, ``device`` loads the boxes here and leaves the features to
+    :meth:`load_into` (a :class:`~updown.data.feature_store.DeviceFeatureStore`).
+    """
+
+    def __init__(self, h5path: Path, store: str, check_finite: bool) -> None:
         self.h5path = h5path
+        self.store = store
         if not h5path.is_file():
             raise FileNotFoundError(
                 f"{h5path}: region-feature file not found. Check the path. {CONVERT_HINT}"
@@ -278,7 +311,7 @@ class _FeatureFile:
             ) from None
         try:
             with h5:
-                self._open(h5, in_memory, check_finite)
+                self._open(h5, check_finite)
         except H5_READ_ERRORS as error:
             # Metadata the library cannot follow: a damaged file without checksums, or a failed metadata checksum.
             raise ValueError(
@@ -289,7 +322,7 @@ class _FeatureFile:
         self._handle_pid: int | None = None
         self._datasets: tuple[h5py.Dataset, h5py.Dataset] | None = None
 
-    def _open(self, h5: h5py.File, in_memory: bool, check_finite: bool) -> None:
+    def _open(self, h5: h5py.File, check_finite: bool) -> None:
         names = set(h5.keys())
         if set(REQUIRED_PADDED) <= names:
             self.layout = "padded"
@@ -311,10 +344,18 @@ class _FeatureFile:
         self.attrs = dict(h5.attrs)
         self.extras = {name: self._read_all(h5, name) for name in _per_box_extras(h5, self.layout)}
         self._check_extras()
-        self.features, self.boxes = self._load(h5) if in_memory else (None, None)
-        if in_memory:
+        # Only metadata (ids, box counts, image sizes, per-box extras: a few bytes per image) is read so far:
+        # opening stays bounded (well under a second at COCO scale) however large the features are. The
+        # features themselves are checked per read (disk), or once when loaded (host, device).
+        self.features = self.boxes = None
+        if self.store == "host":
+            self.features, self.boxes = self._load(h5, ("features", "boxes"))
             # Checked once here, in memory, so that reads need not check again.
             self._scan(self.features, self.boxes)
+        elif self.store == "device":
+            # The boxes stay on the host (items carry them: 4 floats a box); the features are checked while
+            # they are copied to the device (load_into).
+            (self.boxes,) = self._load(h5, ("boxes",))
         elif check_finite:
             self._scan(h5["features"], h5["boxes"])
 
@@ -457,6 +498,13 @@ class _FeatureFile:
     def _scan(self, features: Any, boxes: Any) -> None:
         """Check every image as a read would, block by block: ``features`` and ``boxes`` are the HDF5
         datasets, or the arrays / lists of rows loaded from them."""
+        for _ in self._checked_blocks(features, boxes):
+            pass
+
+    def _checked_blocks(self, features: Any, boxes: Any):
+        """Yield ``(start, feature_rows)`` for consecutive blocks of rows, each block checked as a read would
+        check it (one ``ValueError`` for the first bad image); ``feature_rows`` are as read (padded arrays, or
+        lists of flat rows)."""
         n = len(self.image_ids)
         block = self._block_size()
         for start in range(0, n, block):
@@ -476,6 +524,28 @@ class _FeatureFile:
                 rows = range(stop - start)
             for i in rows:
                 self._check(start + int(i), feature_rows[i], box_rows[i])
+            yield start, feature_rows
+
+    def load_into(self, store: DeviceFeatureStore, offset: int) -> None:
+        """Copy every image's features, checked, into ``store`` rows ``offset : offset + N``, zero beyond each
+        image's box count (as a batch from disk holds them), one block (~32 MB) at a time."""
+        try:
+            with h5py.File(self.h5path, "r", rdcc_nbytes=0) as h5:
+                for start, feature_rows in self._checked_blocks(h5["features"], self.boxes):
+                    counts = self.num_boxes[start : start + len(feature_rows)]
+                    if self.layout == "padded":
+                        rows = np.asarray(feature_rows)
+                        rows[np.arange(rows.shape[1])[None, :] >= counts[:, None]] = 0
+                    else:
+                        rows = np.zeros((len(feature_rows), self.max_boxes, self.feature_size), np.float32)
+                        for i, (flat, count) in enumerate(zip(feature_rows, counts)):
+                            rows[i, :count] = np.asarray(flat).reshape(count, -1)
+                    store.put(offset + start, rows)
+        except H5_READ_ERRORS as error:
+            raise ValueError(
+                f"{self.h5path}: not a readable HDF5 file any more ({error}); it changed after it was opened. "
+                f"{DAMAGED_FIX}"
+            ) from None
 
     def _check(self, row: int, features: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Refuse an implausible image; returns its real features ``(num_boxes, D)`` and boxes ``(num_boxes, 4)``.
@@ -500,17 +570,18 @@ class _FeatureFile:
             else:
                 features, boxes = features.reshape(n, -1), boxes.reshape(n, 4)
         # float32 first: the result is float32 anyway, and numpy's float16 reductions are several times slower.
-        features = features.astype(np.float32, copy=False)
+        features = as_float32(features)
         problem = problem or image_problem(features, boxes, self.image_w[row], self.image_h[row])
         if problem is not None:
             raise self._image_error(row, *problem)
         return features, boxes
 
-    def _load(self, h5: h5py.File) -> tuple[Any, Any]:
-        """All features and boxes: padded arrays, or lists of flat rows for the variable-length layout."""
+    def _load(self, h5: h5py.File, names: tuple[str, ...]) -> list[Any]:
+        """All values of the datasets ``names``: padded arrays, or lists of flat rows for the variable-length
+        layout."""
         n, block = len(self.image_ids), self._block_size()
         loaded = []
-        for name in ("features", "boxes"):
+        for name in names:
             dataset = h5[name]
             if self.layout == "padded":
                 values = np.empty(dataset.shape, dtype=dataset.dtype)
@@ -521,7 +592,7 @@ class _FeatureFile:
                 for start in range(0, n, block):
                     values.extend(self._read_block(dataset, name, start, start + block))
             loaded.append(values)
-        return loaded[0], loaded[1]
+        return loaded
 
     def datasets(self) -> tuple[h5py.Dataset, h5py.Dataset]:
         """This process's ``features`` and ``boxes`` datasets, opened on first use (and again after a fork)."""
@@ -544,16 +615,18 @@ class _FeatureFile:
         except H5_DATA_ERRORS as error:
             raise self._damaged(field, error, row) from None
 
-    def read(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """Features ``(num_boxes, D)`` float32 and boxes ``(num_boxes, 4)`` of one row."""
+    def read(self, row: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """Features ``(num_boxes, D)`` float32 (None with the device store) and boxes ``(num_boxes, 4)`` of one
+        row."""
         n = int(self.num_boxes[row])
-        if self.features is not None:
+        if self.store != "disk":
             # Checked when loaded.
-            features, boxes = self.features[row], self.boxes[row]
-            if self.layout == "padded":
-                features, boxes = features[:n], boxes[:n]
-            else:
-                features, boxes = np.asarray(features).reshape(n, -1), np.asarray(boxes).reshape(n, 4)
+            boxes = self.boxes[row]
+            boxes = boxes[:n] if self.layout == "padded" else np.asarray(boxes).reshape(n, 4)
+            if self.features is None:
+                return None, boxes.astype(np.float32, copy=False)
+            features = self.features[row]
+            features = features[:n] if self.layout == "padded" else np.asarray(features).reshape(n, -1)
         else:
             features_ds, boxes_ds = self.datasets()
             if self.layout == "padded":
@@ -567,7 +640,7 @@ class _FeatureFile:
             # corrupt or implausible data never reaches a model even without the check_finite scan: training
             # would silently turn into NaN loss, prediction into nonsense output.
             features, boxes = self._check(row, features, boxes)
-        return features.astype(np.float32, copy=False), boxes.astype(np.float32, copy=False)
+        return as_float32(features), boxes.astype(np.float32, copy=False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -612,8 +685,8 @@ class RegionFeatures:
     - when built, cheaply, for every image: the schema and shapes, the dtypes (features must be floating
       point; ids and box counts integers), box counts in 1..max_boxes, unique ids, image sizes (finite,
       positive, at most :data:`MAX_IMAGE_SIZE`), and the per-box extras (finite, padding intact);
-    - per image, on every read from disk (lazy mode), or for all images once when built (``in_memory`` or
-      ``check_finite``): the checksum of its blocks, and :func:`image_problem`: features finite, within
+    - per image, on every read from disk (the ``disk`` store), or for all images once when built (the ``host``
+      and ``device`` stores, or ``check_finite``): the checksum of its blocks, and :func:`image_problem`: features finite, within
       :data:`MAX_FEATURE_MAGNITUDE` and not all zero; boxes finite, not inverted, not (0, 0, 0, 0), within the
       image up to :func:`box_tolerance`; and, in the padded layout, zero boxes beyond ``num_boxes``.
 
@@ -621,12 +694,19 @@ class RegionFeatures:
     image's box chunk: about 1 s for a COCO-sized file (123,287 x 100 x 4 float32, 197 MB) from the page
     cache, more from a cold disk, on every start of every process; a per-read check costs microseconds.
 
+    Building the reader reads metadata only (ids, box counts, image sizes, per-box extras) with the ``disk``
+    store, so it takes well under a second however large the file (docs/benchmarks.md, 'Data loading').
+
     Args:
         features_h5path: one path or a list of paths.
-        in_memory: load all features into memory when built (fast epochs; needs N x max_boxes x D x 4 bytes);
-            loaded images are always checked once.
+        feature_store: where the features live (:mod:`updown.data.feature_store`): ``disk`` (read per item, the
+            default), ``host`` (all loaded into memory when built, in the file's dtype: N x max_boxes x D x 2
+            bytes for float16) or ``device`` (all loaded onto ``device``; items then carry ``store_row`` instead
+            of features, and :meth:`gather_batch` fills the batch on the device). Loaded images are checked once.
+        in_memory: the older name of ``feature_store="host"``.
         check_finite: check every image once when built (NaN / inf and all the per-read checks), so that a bad
             image fails at once instead of when first read.
+        device: where the ``device`` store lives (default ``"cpu"``, which stands in for an accelerator).
 
     Raises:
         FileNotFoundError: a file does not exist.
@@ -636,12 +716,18 @@ class RegionFeatures:
     """
 
     def __init__(
-        self, features_h5path: str | os.PathLike | list, in_memory: bool = False, check_finite: bool = False
+        self,
+        features_h5path: str | os.PathLike | list,
+        in_memory: bool = False,
+        check_finite: bool = False,
+        feature_store: str | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         paths = features_h5path if isinstance(features_h5path, (list, tuple)) else [features_h5path]
         if not paths:
             raise ValueError("RegionFeatures: no feature file given. Pass at least one features_h5path.")
-        self.files = [_FeatureFile(Path(p), in_memory, check_finite) for p in paths]
+        self.feature_store = resolve_feature_store(feature_store, in_memory)
+        self.files = [_FeatureFile(Path(p), self.feature_store, check_finite) for p in paths]
         sizes = {f.feature_size for f in self.files}
         if len(sizes) > 1:
             raise ValueError(
@@ -653,41 +739,90 @@ class RegionFeatures:
         grids = {f.grid_shape for f in self.files}
         self.grid_shape = grids.pop() if len(grids) == 1 else None
         self.region_category_names = _category_names(self.files)
-        self._index: dict[int, tuple[int, int]] = {}
-        for file_index, f in enumerate(self.files):
-            for row, image_id in enumerate(f.image_ids.tolist()):
-                if image_id in self._index:
-                    other = self.files[self._index[image_id][0]].h5path
-                    raise ValueError(
-                        f"{f.h5path}: image {image_id} is also in {other}. Each image must appear in one file only."
-                    )
-                self._index[image_id] = (file_index, row)
+        # The id -> row index is numpy arrays, not a dict: looking up a Python object writes its reference count,
+        # which copies its page out of the memory a DataLoader worker shares with the main process; at COCO scale
+        # (123,287 images) a dict would grow every worker by ~20 MB over an epoch, arrays never do.
+        # Global row g = the files' rows one after the other; file k holds rows _offsets[k] : _offsets[k + 1].
+        self._offsets = np.cumsum([0] + [len(f.image_ids) for f in self.files]).astype(np.int64)
+        all_ids = np.concatenate([f.image_ids for f in self.files])
+        self._order = np.argsort(all_ids, kind="stable")
+        self._sorted_ids = all_ids[self._order]
+        self._refuse_shared_images()
+        self.store: DeviceFeatureStore | None = None
+        if self.feature_store == "device":
+            self.store = DeviceFeatureStore(
+                len(self), self.max_boxes, self.feature_size, self._feature_dtype(), device
+            )
+            for f, offset in zip(self.files, self._offsets[:-1].tolist()):
+                f.load_into(self.store, offset)
+
+    def _refuse_shared_images(self) -> None:
+        """One error for an image in two files (each file's own ids are unique, checked when it was opened):
+        the first such image in file order, naming the later file and the earlier one."""
+        repeated = self._sorted_ids[1:] == self._sorted_ids[:-1]
+        if not repeated.any():
+            return
+        # Each repeated id's later occurrence (stable sort: file order within equal ids); the earliest of those.
+        later = int(self._order[1:][repeated].min())
+        image_id = int(np.concatenate([f.image_ids for f in self.files])[later])
+        first = int(self._order[np.searchsorted(self._sorted_ids, image_id)])
+        raise ValueError(
+            f"{self.files[self._file_of(later)].h5path}: image {image_id} is also in "
+            f"{self.files[self._file_of(first)].h5path}. Each image must appear in one file only."
+        )
+
+    def _file_of(self, row: int) -> int:
+        """The index of the file holding global row ``row``."""
+        return int(np.searchsorted(self._offsets, row, side="right")) - 1
+
+    def _feature_dtype(self) -> np.dtype:
+        """The files' feature dtype (float32 when they differ, which holds float16 exactly)."""
+        dtypes = set()
+        for f in self.files:
+            with h5py.File(f.h5path, "r") as h5:
+                dtype = h5["features"].dtype
+                dtypes.add(np.dtype(h5py.check_vlen_dtype(dtype) or dtype))
+        return dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
 
     @property
     def image_ids(self) -> list[int]:
-        """All image ids, in file order."""
-        return list(self._index)
+        """All image ids, in file order (a new list each call)."""
+        return [int(i) for f in self.files for i in f.image_ids.tolist()]
 
     def __len__(self) -> int:
-        return len(self._index)
+        return int(self._offsets[-1])
 
     def __contains__(self, image_id: int) -> bool:
-        return int(image_id) in self._index
+        return self._global_row(image_id) is not None
+
+    def _global_row(self, image_id: int) -> int | None:
+        """The image's row among all files' rows, None if no file holds it."""
+        image_id = int(image_id)
+        k = int(np.searchsorted(self._sorted_ids, image_id))
+        if k == len(self._sorted_ids) or int(self._sorted_ids[k]) != image_id:
+            return None
+        return int(self._order[k])
 
     def _locate(self, image_id: int) -> tuple[_FeatureFile, int]:
-        try:
-            file_index, row = self._index[int(image_id)]
-        except KeyError:
+        file_index, row = self._position(image_id)
+        return self.files[file_index], row
+
+    def _position(self, image_id: int) -> tuple[int, int]:
+        """``(file index, row in that file)`` of an image."""
+        row = self._global_row(image_id)
+        if row is None:
             names = ", ".join(str(f.h5path) for f in self.files)
             raise KeyError(
                 f"image {image_id} is not in the region-feature file(s) {names}. Extract its features, or "
                 "remove it from the captions / questions file."
-            ) from None
-        return self.files[file_index], row
+            )
+        file_index = self._file_of(row)
+        return file_index, row - int(self._offsets[file_index])
 
     def check_ids(self, image_ids, source: str) -> None:
         """Raise one clear error if any of ``image_ids`` (read from ``source``) has no features."""
-        missing = [i for i in image_ids if int(i) not in self._index]
+        wanted = np.asarray([int(i) for i in image_ids], dtype=np.int64)
+        missing = wanted[~np.isin(wanted, self._sorted_ids)].tolist()
         if missing:
             names = ", ".join(str(f.h5path) for f in self.files)
             raise ValueError(
@@ -700,10 +835,17 @@ class RegionFeatures:
         return int(f.num_boxes[row])
 
     def __getitem__(self, image_id: int) -> RegionFeature:
-        f, row = self._locate(image_id)
+        file_index, row = self._position(image_id)
+        f = self.files[file_index]
         features, boxes = f.read(row)
         w, h = float(f.image_w[row]), float(f.image_h[row])
-        return RegionFeature(int(image_id), features, boxes, spatial_features(boxes, w, h), w, h)
+        store_row = None if self.store is None else int(self._offsets[file_index]) + row
+        return RegionFeature(int(image_id), features, boxes, spatial_features(boxes, w, h), w, h, store_row)
+
+    def gather_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Fill ``image_features`` of a batch collated from ``device``-store items (on its device: the
+        datamodule calls this in ``on_after_batch_transfer``); other batches are returned as they are."""
+        return batch if self.store is None else self.store.gather_batch(batch)
 
     def extra(self, image_id: int, name: str) -> np.ndarray:
         """An optional per-box dataset (e.g. ``region_category``) of one image, ``(num_boxes,)``."""
