@@ -57,7 +57,7 @@ class UpDownCell(nn.Module):
         self.attention = TopDownAttention(image_feature_size, hidden_size, attention_size)
         self.language_lstm = nn.LSTMCell(image_feature_size + hidden_size, hidden_size)
 
-    def _input_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def input_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Column blocks of the attention LSTM's input weight for ``h2``, ``mean(v)`` and the word."""
         weight = self.attention_lstm.weight_ih
         hidden_end = self.hidden_size
@@ -86,7 +86,7 @@ class UpDownCell(nn.Module):
         # clamp keeps an image without real boxes at a zero mean instead of NaN.
         # shape: (batch_size, image_feature_size)
         mean_features = image_features.sum(dim=1) / mask.sum(dim=1).clamp(min=1).to(image_features.dtype)
-        _, mean_weight, _ = self._input_weights()
+        _, mean_weight, _ = self.input_weights()
         return {
             "image_features": image_features,
             "image_features_mask": image_features_mask,
@@ -103,33 +103,61 @@ class UpDownCell(nn.Module):
         """
         return {key: reference.new_zeros(batch_size, self.hidden_size) for key in HIDDEN_KEYS}
 
+    def word_gates(self, token_embedding: torch.Tensor) -> torch.Tensor:
+        """The word's share of the attention LSTM's gates, both LSTM biases included.
+
+        It depends on nothing recurrent, so teacher forcing computes it for every step of every caption in
+        ONE matrix product (far faster than one small product per step) and passes each step's rows to
+        :meth:`forward` as ``word_gates``.
+
+        Args:
+            token_embedding: ``(..., embedding_size)``, ``W_e y``.
+
+        Returns:
+            ``(..., 4 * hidden_size)``.
+        """
+        _, _, word_weight = self.input_weights()
+        lstm = self.attention_lstm
+        return F.linear(token_embedding, word_weight, lstm.bias_ih + lstm.bias_hh)
+
     def forward(
         self,
-        token_embedding: torch.Tensor,
+        token_embedding: torch.Tensor | None,
         image: dict[str, torch.Tensor],
         hidden: dict[str, torch.Tensor],
+        word_gates: torch.Tensor | None = None,
+        hidden_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Run one time step.
 
         Args:
-            token_embedding: ``(batch_size, embedding_size)``, ``W_e y_{t-1}``.
+            token_embedding: ``(batch_size, embedding_size)``, ``W_e y_{t-1}``; may be None when
+                ``word_gates`` is given.
             image: the output of :meth:`precompute` (rows aligned with ``token_embedding``).
             hidden: the previous states, keys :data:`HIDDEN_KEYS`, each ``(batch_size, hidden_size)``.
+            word_gates: optional ``(batch_size, 4 * hidden_size)``, :meth:`word_gates` of this step's
+                embedding, precomputed for all steps at once.
+            hidden_weight: optional ``(4 * hidden_size, hidden_size)``, the ``h2`` block of the attention
+                LSTM's input weight (:meth:`input_weights`). A training loop takes it once per sequence and
+                passes it to every step: each fresh slice of the weight would cost a zero-filled gradient of
+                the whole weight in the backward pass.
 
         Returns:
             ``(output, hidden, attention_weights)``: ``output`` is ``h2_t`` ``(batch_size, hidden_size)``,
             ``hidden`` the new states, ``attention_weights`` ``(batch_size, num_boxes)``.
         """
-        hidden_weight, _, word_weight = self._input_weights()
+        if word_gates is None:
+            if token_embedding is None:
+                raise ValueError("UpDownCell: pass token_embedding or its precomputed word_gates.")
+            word_gates = self.word_gates(token_embedding)
+        if hidden_weight is None:
+            hidden_weight, _, _ = self.input_weights()
         lstm = self.attention_lstm
-        # The same gates nn.LSTMCell computes from [h2; mean(v); W_e y], with the mean(v) block precomputed.
+        # The same gates nn.LSTMCell computes from [h2; mean(v); W_e y] (+ both biases, inside word_gates),
+        # with the mean(v) block precomputed per image; addmm accumulates without extra temporaries.
         # shape: (batch_size, 4 * hidden_size)
-        gates = image["mean_feature_gates"] + F.linear(hidden["language_h"], hidden_weight, lstm.bias_ih)
-        gates = (
-            gates
-            + F.linear(token_embedding, word_weight)
-            + F.linear(hidden["attention_h"], lstm.weight_hh, lstm.bias_hh)
-        )
+        gates = torch.addmm(image["mean_feature_gates"] + word_gates, hidden["language_h"], hidden_weight.t())
+        gates = torch.addmm(gates, hidden["attention_h"], lstm.weight_hh.t())
         input_gate, forget_gate, cell_gate, output_gate = gates.chunk(4, dim=1)
         attention_c = torch.sigmoid(forget_gate) * hidden["attention_c"] + torch.sigmoid(
             input_gate

@@ -8,9 +8,12 @@ model on its own and a checkpoint from another vocabulary is refused with both v
 from __future__ import annotations
 
 import dataclasses
+import functools
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 
 from updown.config import (
     ClosedUnitInterval,
@@ -22,8 +25,11 @@ from updown.config import (
 )
 from updown.data.base import DataSpec
 from updown.data.datamodules import CaptioningDataModule
+from updown.data.image_constraints import ConstraintConfig, ConstraintFiles, ImageConstraints, resolve_files
+from updown.data.synthetic import SyntheticSpec, SyntheticWorld, ensure_synthetic_world
 from updown.data.vocabulary import Vocabulary
-from updown.decoding import BeamSearchConfig, DecodingOutput, beam_search
+from updown.data.word_vectors import load_caption_word_vectors
+from updown.decoding import BeamSearchConfig, DecodingOutput, beam_search, constrained_beam_search
 from updown.losses import sequence_cross_entropy
 from updown.metrics.grounding import grounding_counts, word_categories
 from updown.models.captioner import CaptionerConfig, UpDownCaptioner
@@ -38,6 +44,11 @@ METRIC_KEYS = {
 }  # fmt: skip
 
 SpiceMode = Literal["off", "auto", "on"]
+#: ``net.word_vectors`` value that takes the synthetic novel-object world's own vectors (the file lives in the
+#: world's cache folder, whose name depends on its parameters).
+SYNTHETIC_WORD_VECTORS = "synthetic"
+# Plain beam search (the default); a frozen config, safe as an argument default.
+NO_CONSTRAINTS = ConstraintConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +100,8 @@ class CaptioningTask(Task):
             (:class:`ScheduledSampling`; default: never).
         spice: SPICE during validation: "off" (default, it needs CoreNLP jars and minutes), "auto" or "on".
         val_metrics: pycocoevalcap metric families computed at validation.
+        constraints: constrained beam search from object detections for validation, test and prediction (the
+            nocaps baseline; :class:`~updown.data.image_constraints.ConstraintConfig`; off by default).
     """
 
     datamodule_class = CaptioningDataModule
@@ -107,10 +120,13 @@ class CaptioningTask(Task):
         scheduled_sampling: ScheduledSampling = ScheduledSampling(),
         spice: SpiceMode = "off",
         val_metrics: tuple[str, ...] = ("Bleu", "METEOR", "ROUGE_L", "CIDEr"),
+        constraints: ConstraintConfig = NO_CONSTRAINTS,
     ) -> None:
         super().__init__(optimizer)
         self.net_config = CaptionerConfig.coerce(net)
         self.decoding = BeamSearchConfig.coerce(decoding)
+        self.constraints = ConstraintConfig.coerce(constraints)
+        self._image_constraints: ImageConstraints | None = None
         self.scheduled_sampling = ScheduledSampling.coerce(scheduled_sampling)
         self.model: UpDownCaptioner | None = None
         self.vocabulary: Vocabulary | None = None
@@ -131,18 +147,50 @@ class CaptioningTask(Task):
             grid_shape=spec.grid_shape,
         )
 
+    def initialize_from_data(self) -> None:
+        """Fill the frozen word vectors from ``net.word_vectors`` (the file is not read when a checkpoint's
+        weights, which hold the vectors, replace the model's)."""
+        path = self.net_config.word_vectors
+        if path is None:
+            return
+        if path == SYNTHETIC_WORD_VECTORS:
+            world = self.synthetic_world()
+            if world is None or not world.word_vectors_path.is_file():
+                raise ValueError(
+                    f"model.init_args.net.word_vectors {path!r} takes the synthetic novel-object world's vectors, but "
+                    "the data is not such a world. Set data.init_args.synthetic.held_out_categories, or give a "
+                    "GloVe-format file."
+                )
+            path = str(world.word_vectors_path)
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"model.init_args.net.word_vectors {path}: word-vector file not found. Pass a GloVe-format text "
+                "file (e.g. glove.6B.300d.txt, with embedding_size 300), or null for the paper's learned embedding."
+            )
+        vectors, missing = load_caption_word_vectors(
+            path, self.vocabulary.tokens, self.net_config.embedding_size
+        )
+        self.model.set_word_vectors(vectors)
+        rank_zero_info(
+            f"Word vectors from {path}: {len(self.vocabulary) - len(missing)} of {len(self.vocabulary)} words found; "
+            f"the others get random vectors ({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''})."
+        )
+
     # -------------------------------------------------------------------------------------------- training
     def training_step(self, batch: CaptionTrainBatch, batch_index: int) -> torch.Tensor:
-        output = self.model(
+        # forward_packed skips <pad>: logits and loss of the real tokens only (the loss equals
+        # sequence_cross_entropy over the padded logits of model.forward).
+        output = self.model.forward_packed(
             batch["image_features"],
             batch["image_features_mask"],
             batch["caption_tokens"],
             image_index=batch["image_index"],
             scheduled_sampling_probability=self.scheduled_sampling.at_epoch(self.current_epoch),
         )
+        # shape: (1, num_tokens, vocabulary_size) and (1, num_tokens): one "sequence" of every real token.
         loss = sequence_cross_entropy(
-            output["logits"],
-            batch["caption_tokens"][:, 1:],
+            output["logits"].float().unsqueeze(0),  # float32 softmax under bf16 autocast (a no-op in float32)
+            output["targets"].unsqueeze(0),
             self.vocabulary.pad_index,
             self.hparams.label_smoothing,
         )
@@ -151,10 +199,19 @@ class CaptioningTask(Task):
 
     # ------------------------------------------------------------------------------------------- decoding
     def decode(self, batch: RegionBatch, beam_size: int | None = None) -> DecodingOutput:
-        """Beam-search captions for a batch (``beam_size`` overrides the configured one)."""
+        """Beam-search captions for a batch (``beam_size`` overrides the configured one); constrained beam search
+        from the images' detections when ``constraints.enabled``."""
         d = self.decoding
         state = self.model.init_state(batch["image_features"], batch["image_features_mask"])
-        return beam_search(
+        search = beam_search
+        if self.constraints.enabled:
+            image_constraints = self.image_constraints()(batch["image_id"].tolist())
+            search = functools.partial(
+                constrained_beam_search,
+                constraints=image_constraints,
+                min_constraints_to_satisfy=self.constraints.min_constraints_to_satisfy,
+            )
+        return search(
             self.model.step,
             state,
             beam_size=beam_size or d.beam_size,
@@ -167,6 +224,37 @@ class CaptioningTask(Task):
             pad_index=self.vocabulary.pad_index,
             unk_index=self.vocabulary.unk_index,
         )
+
+    def set_constraints(self, constraints: ConstraintConfig) -> None:
+        """Decode with ``constraints`` from now on (``updown.predict --constraints``); files are read on first use."""
+        self.constraints = ConstraintConfig.coerce(constraints)
+        self._image_constraints = None
+
+    def image_constraints(self) -> ImageConstraints:
+        """Image id -> constraints, built from ``constraints``' files (or the synthetic world's) on first use."""
+        if self._image_constraints is None:
+            world = self.synthetic_world()
+            defaults = None
+            if world is not None:
+                if not world.detections_jsonpath.is_file():
+                    raise ValueError(
+                        "model.init_args.constraints.enabled: the synthetic world has no detections; only the "
+                        "novel-object world writes them (set data.init_args.synthetic.held_out_categories, e.g. "
+                        "configs/captioning/synthetic_novel.yaml), or give constraints.detections_jsonpath."
+                    )
+                defaults = ConstraintFiles(
+                    world.detections_jsonpath, world.class_hierarchy_jsonpath, world.word_forms_tsvpath
+                )
+            files = resolve_files(self.constraints, defaults)
+            self._image_constraints = ImageConstraints(self.constraints, files, self.vocabulary)
+        return self._image_constraints
+
+    def synthetic_world(self) -> SyntheticWorld | None:
+        """The synthetic world the trainer's datamodule reads, or None (real data, or no trainer)."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None or datamodule.hparams.get("features_h5path") is not None:
+            return None
+        return ensure_synthetic_world(datamodule.synthetic or SyntheticSpec(), datamodule.data_root)
 
     def repeated_word_constraint(self) -> dict[str, Any]:
         """``decoding``'s repeated-word constraint as the keyword arguments of the beam searches."""

@@ -17,6 +17,7 @@ and depends on ``num_sanity_val_steps``; a resumed run takes the starting scores
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,27 @@ Baseline = Literal["mean_of_others", "greedy", "beam_mean"]
 
 # self-critical.pytorch's SCST optimiser: Adam 5e-5, constant.
 SCST_ADAM = OptimizerConfig("adam", 5e-5)
+
+
+def caption_words(
+    tokens: torch.Tensor, lengths: torch.Tensor, eos_index: int, names: Sequence[str]
+) -> tuple[list[list[str]], list[bool]]:
+    """Decoded captions as word lists for the reward, and whether each ended with ``<eos>``.
+
+    Args:
+        tokens: ``(N, T)`` int64 decoded tokens (after ``<bos>``, padded).
+        lengths: ``(N,)`` int64 tokens per caption, ``<eos>`` included when there is one.
+        eos_index: id of ``<eos>``.
+        names: the vocabulary's token strings, by id.
+
+    Returns:
+        ``(words, ended)``: ``N`` word lists without ``<eos>``, and ``N`` bools.
+    """
+    # One transfer and one Python list per tensor; the loop is over plain ints.
+    rows, counts = tokens.tolist(), lengths.tolist()
+    ended = [eos_index in row for row in rows]
+    words = [[names[t] for t in row[: n - end]] for row, n, end in zip(rows, counts, ended)]
+    return words, ended
 
 
 class SCSTCaptioningTask(CaptioningTask):
@@ -184,7 +206,8 @@ class SCSTCaptioningTask(CaptioningTask):
         self.eval()
         with torch.no_grad():
             for index, batch in enumerate(islice(loader, int(num_batches))):
-                self.validation_step(self.transfer_batch_to_device(batch, self.device, 0), index)
+                # The whole transfer (on_after_batch_transfer included: the device feature store gathers there).
+                self.validation_step(self._apply_batch_transfer_handler(batch, self.device, 0), index)
         self.train()
         outputs, self._outputs = self._outputs, []
         scores = self.score_on_rank_zero(outputs, self.score_outputs)
@@ -216,15 +239,10 @@ class SCSTCaptioningTask(CaptioningTask):
 
     def rewards(self, tokens: torch.Tensor, lengths: torch.Tensor, keys: list[int]) -> np.ndarray:
         """``(N,)`` reward of each caption ``tokens (N, T)`` (``lengths`` with ``<eos>``) for image ``keys``."""
-        has_eos = (tokens == self.vocabulary.eos_index).any(dim=1)
-        names = self.vocabulary.tokens
-        words = [
-            [names[t] for t in row[:n]]
-            for row, n in zip(tokens.tolist(), (lengths - has_eos.long()).tolist())
-        ]
+        words, has_eos = caption_words(tokens, lengths, self.vocabulary.eos_index, self.vocabulary.tokens)
         h = self.hparams
         # With eos_as_word, a sample cut at the maximum length gets no "<eos>" (it did not emit one).
-        reward = h.cider_weight * self._cider.score(words, keys, ended=has_eos.tolist())
+        reward = h.cider_weight * self._cider.score(words, keys, ended=has_eos)
         if h.bleu_weight > 0:
             reward = reward + h.bleu_weight * self._bleu.score(words, keys)
         if not np.isfinite(reward).all():
