@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         annotation = hints[field.name]
         if annotation is bool:
             parser.add_argument(flag, action="store_true", help=f"(default: {field.default})")
+        elif typing.get_origin(annotation) is tuple:  # held_out_categories: names separated by spaces
+            parser.add_argument(flag, nargs="*", default=field.default, help="(default: none)")
         elif literal_choices(annotation) is not None:
             choices = literal_choices(annotation)
             parser.add_argument(

@@ -6,7 +6,10 @@
 writes the COCO results JSON ``[{"image_id": int, "caption": str}]`` that the evaluation server and
 ``python -m updown.evaluate captions`` read. The data default to those the checkpoint was trained on (its saved
 datamodule arguments); ``--features``, ``--captions`` and ``--vocabulary`` point elsewhere (e.g. the test images'
-features). ``--attention`` saves per-word attention as HDF5 (read by ``updown.visualize``):
+features). ``--constraints on|off`` switches constrained beam search from object detections (the nocaps baseline;
+``--detections``, ``--class-hierarchy``, ``--word-forms``, ``--max-constraints``, ``--min-constraints-to-satisfy``
+override the checkpoint's settings; docs/novel_objects.md). ``--attention`` saves per-word attention as HDF5 (read
+by ``updown.visualize``):
 
 | dataset | shape | meaning |
 |---|---|---|
@@ -177,6 +180,7 @@ def predict_captions(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.beam_size is not None:
         task.decoding = task.decoding.replace(beam_size=args.beam_size)
+    task.set_constraints(constraint_settings(task.constraints, args))
     datamodule = datamodule_from_checkpoint(
         CaptioningDataModule, checkpoint, features_h5path=args.features, captions_jsonpath=args.captions,
         vocabulary_path=args.vocabulary, test_split=args.split, eval_batch_size=args.batch_size,
@@ -204,6 +208,19 @@ def predict_captions(args: argparse.Namespace) -> int:
     if results is not None and args.score:
         print(json.dumps(writer.scores, indent=2))
     return 0
+
+
+def constraint_settings(config, args: argparse.Namespace):
+    """The checkpoint's constrained-beam-search settings with ``--constraints``, ``--detections``, ... applied."""
+    changes = {
+        "enabled": None if args.constraints is None else args.constraints == "on",
+        "detections_jsonpath": args.detections,
+        "class_hierarchy_jsonpath": args.class_hierarchy,
+        "word_forms_tsvpath": args.word_forms,
+        "max_constraints": args.max_constraints,
+        "min_constraints_to_satisfy": args.min_constraints_to_satisfy,
+    }
+    return config.replace(**{key: value for key, value in changes.items() if value is not None})
 
 
 def predict_vqa(args: argparse.Namespace) -> int:
@@ -283,6 +300,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     captions.add_argument("--captions", help="prepared captions.json instead of the checkpoint's")
     captions.add_argument("--vocabulary", help="vocabulary.json instead of the checkpoint's (must match it)")
+    cbs = captions.add_argument_group(
+        "constrained beam search (nocaps)",
+        "objects detected in each image must be named (docs/novel_objects.md)",
+    )
+    cbs.add_argument(
+        "--constraints", choices=("on", "off"),
+        help="decode with constrained beam search from detections, or plain beam search (default: as the checkpoint)",
+    )  # fmt: skip
+    cbs.add_argument(
+        "--detections",
+        metavar="JSON",
+        help="detections of the decoded images (nocaps *_oi_detector_boxes.json)",
+    )
+    cbs.add_argument(
+        "--class-hierarchy",
+        metavar="JSON",
+        help="the detector's class hierarchy (nocaps class_hierarchy.json)",
+    )
+    cbs.add_argument(
+        "--word-forms", metavar="TSV", help="forms of each constraint word (nocaps constraint_wordforms.tsv)"
+    )
+    cbs.add_argument(
+        "--max-constraints",
+        type=argparse_type(NonNegativeInt),
+        help="top-k detected classes used (nocaps: 3)",
+    )
+    cbs.add_argument(
+        "--min-constraints-to-satisfy",
+        type=argparse_type(NonNegativeInt),
+        help="constraints a caption must satisfy (nocaps: 2)",
+    )
     captions.set_defaults(handler=predict_captions)
     vqa = subparsers.add_parser("vqa", help="answer questions into the official VQA results format")
     vqa.add_argument("--checkpoint", required=True, help="a .ckpt written by updown.fit with a VQA config")

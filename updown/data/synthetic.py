@@ -26,6 +26,13 @@ from typing import Literal
 import numpy as np
 
 from updown.config import Config, NonNegativeFloat, NonNegativeInt, PositiveInt
+from updown.data.synthetic_novel import (
+    OUT_DOMAIN_FRACTION,
+    add_domains_to_references,
+    domains,
+    scene_detections,
+    write_novel_object_files,
+)
 from updown.data.synthetic_scenes import (
     CATEGORIES,
     COLOURS,
@@ -37,8 +44,9 @@ from updown.data.synthetic_scenes import (
     make_scene,
 )
 from updown.data.vocabulary import tokenize_caption
+from updown.data.word_forms import WordForms
 from updown.data.writers import RegionFeaturesWriter
-from updown.io import atomic_outputs, write_json
+from updown.io import atomic_outputs, read_json, write_json
 
 # Bump when the generated content or layout changes, so old caches are not reused.
 FORMAT_VERSION = 5
@@ -62,6 +70,11 @@ class SyntheticSpec(Config):
         grid_size: cells per side for ``grid``.
         feature_dtype: ``float16`` halves the cache size; the reader returns float32 either way.
         noise: standard deviation of the feature noise.
+        held_out_categories: the novel-object variant (:mod:`updown.data.synthetic_novel`): these categories
+            (of :data:`~updown.data.synthetic_scenes.CATEGORIES`) never appear in a training image, half of the
+            validation and test images show one as their salient object (nocaps' out-domain), and the world
+            also writes detections, a class hierarchy, word forms and word vectors for constrained beam search.
+            Empty (default): the default world, unchanged.
     """
 
     seed: NonNegativeInt = 0
@@ -75,9 +88,28 @@ class SyntheticSpec(Config):
     grid_size: PositiveInt = 6
     feature_dtype: FeatureDtype = "float16"
     noise: NonNegativeFloat = 0.5
+    held_out_categories: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # YAML and checkpoints give a list; the spec is hashed and compared, so keep a tuple.
+        object.__setattr__(self, "held_out_categories", tuple(self.held_out_categories))
+        unknown = [c for c in self.held_out_categories if c not in CATEGORIES]
+        if unknown or len(set(self.held_out_categories)) != len(self.held_out_categories):
+            raise ValueError(
+                f"SyntheticSpec: held_out_categories={list(self.held_out_categories)} must name distinct categories "
+                f"of the world ({', '.join(CATEGORIES)}); {unknown or 'one is repeated'}."
+            )
+        if len(self.held_out_categories) >= len(CATEGORIES) - 1:
+            raise ValueError(
+                f"SyntheticSpec: held_out_categories holds {len(self.held_out_categories)} of the "
+                f"{len(CATEGORIES)} categories; training images need at least two. Hold out fewer."
+            )
+        if self.held_out_categories and self.grid:
+            raise ValueError(
+                "SyntheticSpec: held_out_categories (the novel-object world) writes region detections; it needs "
+                "region features. Set grid: false."
+            )
         if self.min_boxes > self.max_boxes:
             raise ValueError(
                 f"SyntheticSpec: min_boxes={self.min_boxes} is above max_boxes={self.max_boxes}. Lower min_boxes "
@@ -86,7 +118,12 @@ class SyntheticSpec(Config):
 
     def key(self) -> str:
         """A short name that changes whenever any parameter (or the format) changes."""
-        text = json.dumps({**dataclasses.asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        # Fields added after a world's key was published join the key only when set, so the default world keeps
+        # its key (and its files, which name it) byte for byte.
+        if not self.held_out_categories:
+            del fields["held_out_categories"]
+        text = json.dumps({**fields, "format": FORMAT_VERSION}, sort_keys=True)
         return "synthetic-" + hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -117,6 +154,23 @@ class SyntheticWorld:
     @property
     def captions_dir(self) -> Path:
         return self.root / "prepared" / "captions"
+
+    # The novel-object variant's files (SyntheticSpec.held_out_categories; updown.data.synthetic_novel).
+    @property
+    def detections_jsonpath(self) -> Path:
+        return self.root / "raw" / "detections.json"
+
+    @property
+    def class_hierarchy_jsonpath(self) -> Path:
+        return self.root / "raw" / "class_hierarchy.json"
+
+    @property
+    def word_forms_tsvpath(self) -> Path:
+        return self.root / "raw" / "constraint_wordforms.tsv"
+
+    @property
+    def word_vectors_path(self) -> Path:
+        return self.root / "raw" / "word_vectors.txt"
 
 
 class FeatureSpace:
@@ -247,6 +301,11 @@ def write_raw_world(
 
     rng = np.random.default_rng(spec.seed)
     space = FeatureSpace(rng, spec.feature_size, spec.noise)
+    held_out = [CATEGORIES.index(c) for c in spec.held_out_categories]
+    seen = [c for c in range(len(CATEGORIES)) if c not in held_out]
+    # The detector draws from its own generator, so the scenes do not depend on it.
+    detector_rng = np.random.default_rng([spec.seed, 1])
+    detections = {}
     num_images = spec.num_train + spec.num_val + spec.num_test
     # Sparse, COCO-like ids so code never confuses an id with a row index.
     image_ids = np.sort(rng.choice(np.arange(1, 600_000), size=num_images, replace=False)).tolist()
@@ -275,7 +334,14 @@ def write_raw_world(
         task = bar.add_task("Generating the synthetic world", total=num_images)
         for index, image_id in enumerate(image_ids):
             split = split_of(index, spec)
-            scene = make_scene(rng, image_id)
+            if not held_out:
+                scene = make_scene(rng, image_id)
+            elif split != "train" and rng.random() < OUT_DOMAIN_FRACTION:
+                scene = make_scene(rng, image_id, seen, salient_categories=held_out)
+            else:
+                scene = make_scene(rng, image_id, seen)
+            if held_out:
+                detections[image_id] = scene_detections(detector_rng, scene)
             features, boxes, owners, categories = region_features(rng, space, scene, spec)
             # Round once to the stored precision, so the TSV holds exactly what the HDF5 file holds.
             features = features.astype(spec.feature_dtype)
@@ -360,6 +426,11 @@ def write_raw_world(
         )
     if tsv_rows is not None:
         _write_tsv(world.root / "raw" / "features.tsv", tsv_rows)
+    if held_out:
+        words = {
+            w for image in karpathy_images for sentence in image["sentences"] for w in sentence["tokens"]
+        }
+        write_novel_object_files(world.root, detections, words, spec.seed)
 
 
 def _write_tsv(path: Path, rows) -> None:
@@ -418,7 +489,14 @@ def ensure_synthetic_world(
             staging = SyntheticWorld(staging_root)
             write_raw_world(spec, staging, progress=progress)
             images = load_karpathy(staging.dataset_coco_jsonpath)
-            prepare_captions(images, staging.captions_dir)
+            if spec.held_out_categories:
+                # nocaps: the constraint words join the vocabulary whatever their count, or no model could write them.
+                form_words = WordForms.from_file(staging.word_forms_tsvpath).vocabulary_words()
+                prepare_captions(images, staging.captions_dir, extra_words=form_words)
+                image_domains = domains(read_json(staging.objects_jsonpath), spec.held_out_categories)
+                add_domains_to_references(staging.captions_dir, image_domains, ("val", "test"))
+            else:
+                prepare_captions(images, staging.captions_dir)
             _write_cider_document_frequencies(images, staging.captions_dir)
             write_json(staging.root / "DONE", dataclasses.asdict(spec))
     return world

@@ -13,6 +13,7 @@ recoverable from individual regions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,11 @@ CATEGORIES = (
     "bicycle",
 )
 PLURALS = {"bus": "buses", "sheep": "sheep"}
+# The coarse class above each category (the novel-object variant's class hierarchy and word vectors).
+SUPERCATEGORIES = {
+    "animal": ("dog", "cat", "horse", "bird", "cow", "sheep", "elephant"),
+    "vehicle": ("bus", "car", "train", "boat", "bicycle"),
+}
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "orange")
 SIZES = ("small", "large")
 SIZE_SYNONYMS = {"small": ("small", "little"), "large": ("large", "big")}
@@ -67,15 +73,39 @@ class Scene:
     objects: list[SceneObject]
 
 
-def make_scene(rng: np.random.Generator, image_id: int) -> Scene:
-    """Draw an image with 2-5 objects; the first is large, the others small."""
+def plural(noun: str) -> str:
+    return PLURALS.get(noun, noun + "s")
+
+
+def make_scene(
+    rng: np.random.Generator,
+    image_id: int,
+    categories: Sequence[int] | None = None,
+    salient_categories: Sequence[int] | None = None,
+) -> Scene:
+    """Draw an image with 2-5 objects; the first is large, the others small.
+
+    Args:
+        rng: the world's generator.
+        image_id: the image's id.
+        categories: indices into :data:`CATEGORIES` the objects are drawn from (default: all).
+        salient_categories: those the large object is drawn from (default: ``categories``); the other objects
+            repeat its category or come from ``categories``. The default world passes neither (same draws).
+    """
+    pool = range(len(CATEGORIES)) if categories is None else categories
+    salient_pool = pool if salient_categories is None else salient_categories
     width, height = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
     num_objects = int(rng.integers(2, 6))
     objects = []
     for k in range(num_objects):
         large = k == 0
         # Repeated categories make counting questions non-trivial.
-        category = objects[0].category if k > 0 and rng.random() < 0.2 else int(rng.integers(len(CATEGORIES)))
+        if k == 0:
+            category = int(salient_pool[int(rng.integers(len(salient_pool)))])
+        elif rng.random() < 0.2:
+            category = objects[0].category
+        else:
+            category = int(pool[int(rng.integers(len(pool)))])
         scale = rng.uniform(0.4, 0.6) if large else rng.uniform(0.12, 0.25)
         w, h = scale * width * rng.uniform(0.8, 1.2), scale * height * rng.uniform(0.8, 1.2)
         w, h = min(w, width - 1), min(h, height - 1)
@@ -203,7 +233,7 @@ def make_questions(rng: np.random.Generator, scene: Scene) -> list[Question]:
         )
     category = scene.objects[int(rng.integers(len(scene.objects)))].category
     n = counts[category]
-    noun = PLURALS.get(CATEGORIES[category], CATEGORIES[category] + "s")
+    noun = plural(CATEGORIES[category])
     questions.append(
         Question(
             f"How many {noun} are there?",
