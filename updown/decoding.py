@@ -403,18 +403,21 @@ def beam_search(
             history, vocabulary_size, always_banned, block_repeated_words, repeatable_tokens, block_trigrams
         )
         logprobs = logprobs.float().masked_fill(banned, float("-inf"))
-        pad_only = torch.full((vocabulary_size,), float("-inf"), device=device)
-        pad_only[pad_index] = 0.0
+        if bool(finished.any()):
+            pad_only = torch.full((vocabulary_size,), float("-inf"), device=device)
+            pad_only[pad_index] = 0.0
+            logprobs = torch.where(finished.view(num_rows, 1), pad_only, logprobs)
         # shape: (num_images, beam_size, vocabulary_size)
-        logprobs = torch.where(finished.view(num_rows, 1), pad_only, logprobs).view(num_images, beam_size, -1)
+        logprobs = logprobs.view(num_images, beam_size, -1)
         candidate_sums = sums.unsqueeze(2) + logprobs
+        # shape: (num_images, beam_size, 1): a candidate's length is its parent's (the same for every token)
         candidate_lengths = (lengths + (~finished).long()).unsqueeze(2)
         candidate_scores = penalised(candidate_sums, candidate_lengths).view(num_images, -1)
         # shape: (num_images, beam_size)
         _, chosen = candidate_scores.topk(beam_size, dim=1)
         beams, tokens = chosen // vocabulary_size, chosen % vocabulary_size
         sums = candidate_sums.view(num_images, -1).gather(1, chosen)
-        lengths = candidate_lengths.expand_as(candidate_sums).reshape(num_images, -1).gather(1, chosen)
+        lengths = candidate_lengths.squeeze(2).gather(1, beams)
         was_finished = finished.gather(1, beams)
         # Hypotheses at -inf are placeholders (fewer allowed continuations than slots): mark them done.
         finished = was_finished | (tokens == eos_index) | torch.isinf(sums)
