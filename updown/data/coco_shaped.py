@@ -21,7 +21,7 @@ from typing import TextIO
 
 import numpy as np
 
-from updown.data.synthetic import FeatureSpace, SyntheticSpec, region_features
+from updown.data.synthetic import FeatureSpace, SyntheticSpec, region_features, vqa_records
 from updown.data.synthetic_scenes import Question, make_captions, make_questions, make_scene
 from updown.data.vocabulary import tokenize_caption
 from updown.data.writers import RegionFeaturesWriter
@@ -303,22 +303,9 @@ def write_world(
             )
             questions, annotations = vqa[subset]
             for q_index, q in enumerate(image["questions"]):
-                question_id = image_id * 1000 + q_index
-                questions.add({"image_id": image_id, "question": q.question, "question_id": question_id})
-                annotations.add(
-                    {
-                        "question_type": q.question_type,
-                        # A tie goes to the answer listed first, as in the synthetic world.
-                        "multiple_choice_answer": max(q.answers, key=q.answers.count),
-                        "answers": [
-                            {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                            for i, a in enumerate(q.answers)
-                        ],
-                        "image_id": image_id,
-                        "answer_type": q.answer_type,
-                        "question_id": question_id,
-                    }
-                )
+                question_record, annotation = vqa_records(q, image_id, image_id * 1000 + q_index)
+                questions.add(question_record)
+                annotations.add(annotation)
             bar.advance(task)
     counts = {"images": images, **{f"karpathy_{s}": n for s, n in sizes.items()}, "captions": sentence_id}
     for subset, (questions, annotations) in vqa.items():

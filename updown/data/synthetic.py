@@ -37,6 +37,7 @@ from updown.data.synthetic_scenes import (
     CATEGORIES,
     COLOURS,
     SIZES,
+    Question,
     Scene,
     SceneObject,
     make_captions,
@@ -280,6 +281,26 @@ def _grid_features(rng: np.random.Generator, space: FeatureSpace, scene: Scene, 
     return space.realise(rng, np.stack(means)), np.asarray(boxes, dtype=np.float32), owners, categories
 
 
+def vqa_records(question: Question, image_id: int, question_id: int) -> tuple[dict, dict]:
+    """One question in VQA v2's formats: its entry of the questions file and of the annotations file.
+
+    The majority answer breaks ties by the answer listed first, not by set order (which changes with
+    ``PYTHONHASHSEED``).
+    """
+    annotation = {
+        "question_type": question.question_type,
+        "multiple_choice_answer": max(question.answers, key=question.answers.count),
+        "answers": [
+            {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+            for i, a in enumerate(question.answers)
+        ],
+        "image_id": image_id,
+        "answer_type": question.answer_type,
+        "question_id": question_id,
+    }
+    return {"image_id": image_id, "question": question.question, "question_id": question_id}, annotation
+
+
 def split_of(index: int, spec: SyntheticSpec) -> str:
     if index < spec.num_train:
         return "train"
@@ -374,25 +395,9 @@ def write_raw_world(
                 for o in scene.objects
             ]
             for q_index, q in enumerate(make_questions(rng, scene)):
-                question_id = image_id * 10 + q_index
-                questions[split].append(
-                    {"image_id": image_id, "question": q.question, "question_id": question_id}
-                )
-                # A tie goes to the answer listed first, not to set order (which changes with PYTHONHASHSEED).
-                majority = max(q.answers, key=q.answers.count)
-                annotations[split].append(
-                    {
-                        "question_type": q.question_type,
-                        "multiple_choice_answer": majority,
-                        "answers": [
-                            {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                            for i, a in enumerate(q.answers)
-                        ],
-                        "image_id": image_id,
-                        "answer_type": q.answer_type,
-                        "question_id": question_id,
-                    }
-                )
+                question_record, annotation = vqa_records(q, image_id, image_id * 10 + q_index)
+                questions[split].append(question_record)
+                annotations[split].append(annotation)
             bar.advance(task)
     sentence_id = 0
     for image in karpathy_images:
