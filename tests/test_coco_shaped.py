@@ -3,33 +3,20 @@ projection. The full sizes are benchmarks (docs/benchmarks.md), not tests."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from conftest import load_tool
 
 from updown.data import coco_shaped
 from updown.data.caption_preparation import load_karpathy, prepare_captions
 from updown.data.readers import RegionFeatures
 from updown.data.vqa_preparation import load_vqa_split
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-make_coco_shaped = _tool("make_coco_shaped")
-time_recipe = _tool("time_recipe")
+make_coco_shaped = load_tool("make_coco_shaped")
+time_recipe = load_tool("time_recipe")
 
 
 @pytest.fixture(scope="module")

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
+from conftest import load_tool
 
 from updown.data.readers import RegionFeatures
-
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_synthetic_tsv_converts_to_the_same_features(tmp_path):
@@ -35,9 +22,9 @@ def test_synthetic_tsv_converts_to_the_same_features(tmp_path):
         "--feature-size",
         "16",
     ]
-    assert _tool("make_synthetic").main([*make, "--tsv"]) == 0
+    assert load_tool("make_synthetic").main([*make, "--tsv"]) == 0
     assert (
-        _tool("convert_features").main(
+        load_tool("convert_features").main(
             ["--input", str(world / "raw" / "features.tsv"), "--output", str(tmp_path / "c.h5"), "--quiet"]
         )
         == 0
@@ -48,13 +35,13 @@ def test_synthetic_tsv_converts_to_the_same_features(tmp_path):
         np.testing.assert_array_equal(original[image_id].features, converted[image_id].features)
         np.testing.assert_array_equal(original[image_id].boxes, converted[image_id].boxes)
     # A second run into the same non-empty folder is refused.
-    assert _tool("make_synthetic").main(make) == 2
+    assert load_tool("make_synthetic").main(make) == 2
 
 
 def test_prepare_captions_cli(tmp_path, capsys):
-    tool = _tool("prepare_captions")
+    tool = load_tool("prepare_captions")
     assert (
-        _tool("make_synthetic").main(
+        load_tool("make_synthetic").main(
             [
                 "--output",
                 str(tmp_path / "w"),
