@@ -46,6 +46,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -441,19 +442,41 @@ def _small_feature_file(path: Path) -> None:
 
 
 def _reader_result(path: Path, mode: dict) -> Any:
-    """Everything a RegionFeatures gives, as plain values (or raises ValueError)."""
+    """Everything a RegionFeatures gives, as plain values (or raises ValueError). Mode ``{"batch": True}``
+    reads every image in one batch (``reader.collate``, what the datasets' loaders do), the others one by one."""
+    mode = dict(mode)
+    batched = mode.pop("batch", False)
     reader = RegionFeatures(path, **mode)
+    ids = reader.image_ids
+    if batched:
+        batch = reader.collate(ids)
+        assert batch["image_features"].dtype == torch.float32
     images = []
-    for image_id in reader.image_ids:
-        item = reader[image_id]
-        assert item.features.dtype == np.float32 and item.boxes.dtype == np.float32
+    for i, image_id in enumerate(ids):
+        if batched:
+            n = int(batch["image_features_mask"][i].sum())
+            features, boxes, spatial = (
+                batch[key][i, :n].numpy() for key in ("image_features", "image_boxes", "image_spatial")
+            )
+            image_w, image_h = float(reader.files[0].image_w[i]), float(reader.files[0].image_h[i])
+        else:
+            item = reader[image_id]
+            assert item.features.dtype == np.float32 and item.boxes.dtype == np.float32
+            features, boxes, spatial, image_w, image_h = (
+                item.features,
+                item.boxes,
+                item.spatial,
+                item.image_w,
+                item.image_h,
+            )
         extras = {name: reader.extra(image_id, name).tolist() for name in sorted(reader.files[0].extras)}
-        images.append((image_id, item.features.tolist(), item.boxes.tolist(), item.spatial.tolist(),
-                       item.image_w, item.image_h, extras))  # fmt: skip
+        images.append(
+            (image_id, features.tolist(), boxes.tolist(), spatial.tolist(), image_w, image_h, extras)
+        )
     return reader.feature_size, reader.grid_shape, reader.region_category_names, images
 
 
-READER_MODES = ({}, {"in_memory": True}, {"check_finite": True})
+READER_MODES = ({}, {"in_memory": True}, {"check_finite": True}, {"batch": True})
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,25 @@ once per image instead of once per caption (5x less work at COCO's 5 captions pe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
+from updown.data.batch_memory import batch_tensor
 from updown.data.caption_preparation import ImageCaptions
-from updown.data.readers import RegionFeature, RegionFeatures
+from updown.data.readers import PendingRegions, RegionFeature, RegionFeatures
 from updown.data.vocabulary import Vocabulary
 from updown.types import FEATURES_INDEX_KEY, CaptionEvalBatch, CaptionTrainBatch, RegionBatch
 
 
-def collate_regions(regions: Sequence[RegionFeature]) -> RegionBatch:
+def collate_regions(regions: Sequence[RegionFeature | PendingRegions]) -> RegionBatch:
     """Pad the regions of a batch of images to the batch's largest box count.
+
+    Datasets give :class:`~updown.data.readers.PendingRegions` (``reader.pending(image_id)``), which the reader
+    reads as one batch (:meth:`~updown.data.readers.RegionFeatures.collate`); :class:`RegionFeature` items
+    (``reader[image_id]``) are stacked here. Both give the same batch.
 
     Returns:
         A dict with ``image_id (B,)``, ``image_features (B, R, D)``, ``image_features_mask (B, R)`` (True for
@@ -32,11 +36,13 @@ def collate_regions(regions: Sequence[RegionFeature]) -> RegionBatch:
         features are gathered once the batch is on its device
         (:meth:`~updown.data.readers.RegionFeatures.gather_batch`).
     """
+    if isinstance(regions[0], PendingRegions):
+        return regions[0].reader.collate([r.image_id for r in regions])
     batch_size = len(regions)
     max_boxes = max(r.num_boxes for r in regions)
-    boxes = _batch_tensor((batch_size, max_boxes, 4), torch.float32)
-    spatial = _batch_tensor((batch_size, max_boxes, 5), torch.float32)
-    mask = _batch_tensor((batch_size, max_boxes), torch.bool)
+    boxes = batch_tensor((batch_size, max_boxes, 4), torch.float32)
+    spatial = batch_tensor((batch_size, max_boxes, 5), torch.float32)
+    mask = batch_tensor((batch_size, max_boxes), torch.bool)
     boxes_np, spatial_np, mask_np = boxes.numpy(), spatial.numpy(), mask.numpy()
     for i, r in enumerate(regions):
         n = r.num_boxes
@@ -46,7 +52,7 @@ def collate_regions(regions: Sequence[RegionFeature]) -> RegionBatch:
         batch[FEATURES_INDEX_KEY] = torch.tensor([r.store_row for r in regions], dtype=torch.long)
     else:
         # shape: (B, R, D)
-        features = _batch_tensor(
+        features = batch_tensor(
             (batch_size, max_boxes, regions[0].features.shape[1]), torch.float32, zero=False
         )
         # numpy copies in this thread (a torch copy this size would go to the intra-op pool). Every element is
@@ -58,22 +64,6 @@ def collate_regions(regions: Sequence[RegionFeature]) -> RegionBatch:
         batch["image_features"] = features
     batch.update(image_features_mask=mask, image_boxes=boxes, image_spatial=spatial)
     return batch
-
-
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = True) -> torch.Tensor:
-    """A zero tensor (uninitialised with ``zero=False``, for a caller that writes every element); in a DataLoader
-    worker, in shared memory, so sending it to the main process copies nothing.
-
-    (Lightning's and PyTorch's default collate do the same; without it every batch is copied once more.)
-    """
-    if get_worker_info() is None:
-        return torch.zeros(shape, dtype=dtype) if zero else torch.empty(shape, dtype=dtype)
-    # Allocate straight in shared memory (as torch's default_collate does): share_memory_() on a tensor
-    # would allocate, zero and then copy it.
-    numel = math.prod(shape)
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
-    tensor = torch.empty(0, dtype=dtype).new(storage).resize_(shape)
-    return tensor.zero_() if zero else tensor
 
 
 def pad_sequences(
@@ -133,8 +123,8 @@ class CaptionTrainingDataset(Dataset):
         bounds = self._caption_starts[self._image_starts[index] : self._image_starts[index + 1] + 1].tolist()
         return [self._tokens[start:stop].tolist() for start, stop in zip(bounds[:-1], bounds[1:])]
 
-    def __getitem__(self, index: int) -> tuple[RegionFeature, list[list[int]]]:
-        return self.features[int(self.image_ids[index])], self.captions(index)
+    def __getitem__(self, index: int) -> tuple[PendingRegions, list[list[int]]]:
+        return self.features.pending(int(self.image_ids[index])), self.captions(index)
 
     def collate(self, items) -> CaptionTrainBatch:
         """Stack images once; list every caption with ``image_index`` into the image rows.
@@ -167,10 +157,10 @@ class CaptionEvaluationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, index: int) -> tuple[RegionFeature, list[str], np.ndarray | None]:
+    def __getitem__(self, index: int) -> tuple[PendingRegions, list[str], np.ndarray | None]:
         image_id = self.image_ids[index]
         categories = self.features.extra(image_id, "region_category") if self.labelled else None
-        return self.features[image_id], self.references[index], categories
+        return self.features.pending(image_id), self.references[index], categories
 
     @staticmethod
     def collate(items) -> CaptionEvalBatch:

@@ -30,7 +30,7 @@ from updown.config import PositiveInt
 from updown.data.caption_preparation import ImageCaptions
 from updown.data.datamodules import CaptionFilesDataModule
 from updown.data.datasets import collate_regions, pad_sequences
-from updown.data.readers import RegionFeature, RegionFeatures
+from updown.data.readers import PendingRegions, RegionFeatures
 from updown.data.vocabulary import Vocabulary
 from updown.types import RetrievalEvalBatch, RetrievalTrainBatch
 
@@ -65,9 +65,9 @@ class RetrievalPairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[RegionFeature, list[int]]:
+    def __getitem__(self, index: int) -> tuple[PendingRegions, list[int]]:
         image_id, caption = self.pairs[index]
-        return self.features[image_id], caption
+        return self.features.pending(image_id), caption
 
     def collate(self, items) -> RetrievalTrainBatch:
         """Batch B pairs; row ``i`` of the regions and caption ``i`` match.
@@ -124,8 +124,8 @@ class RetrievalEvaluationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, index: int) -> tuple[int, RegionFeature, list[list[int]]]:
-        return index, self.features[self.image_ids[index]], self.captions[index]
+    def __getitem__(self, index: int) -> tuple[int, PendingRegions, list[list[int]]]:
+        return index, self.features.pending(self.image_ids[index]), self.captions[index]
 
     def collate(self, items) -> RetrievalEvalBatch:
         """Stack B images once and list their k captions each, in image order.

@@ -16,8 +16,9 @@ from torch.utils.data import Dataset
 
 from updown.config import PositiveInt
 from updown.data.base import DataSpec, RegionDataModule
-from updown.data.datasets import _batch_tensor, collate_regions, pad_sequences
-from updown.data.readers import RegionFeature, RegionFeatures
+from updown.data.batch_memory import batch_tensor
+from updown.data.datasets import collate_regions, pad_sequences
+from updown.data.readers import PendingRegions, RegionFeatures
 from updown.data.synthetic import SPLITS, SyntheticWorld
 from updown.data.vocabulary import AnswerVocabulary, Vocabulary
 from updown.data.vqa_preparation import VQAQuestion, prepare_vqa, read_prepared_questions
@@ -60,9 +61,9 @@ class VQADataset(Dataset):
     def __len__(self) -> int:
         return len(self.questions)
 
-    def __getitem__(self, index: int) -> tuple[RegionFeature, VQAQuestion, list[int]]:
+    def __getitem__(self, index: int) -> tuple[PendingRegions, VQAQuestion, list[int]]:
         question = self.questions[index]
-        return self.features[question.image_id], question, self.tokens[index]
+        return self.features.pending(question.image_id), question, self.tokens[index]
 
     def collate(self, items) -> VQABatch:
         """Batch questions into a :class:`~updown.types.VQABatch`.
@@ -79,7 +80,7 @@ class VQADataset(Dataset):
             [t for _, _, t in items], self.pad_index
         )
         # shape: (B, A)
-        scores = _batch_tensor((len(items), self.num_answers), torch.float32)
+        scores = batch_tensor((len(items), self.num_answers), torch.float32)
         for row, question in enumerate(questions):
             if question.answer_scores:
                 columns = torch.tensor(list(question.answer_scores), dtype=torch.long)
