@@ -19,6 +19,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from updown.checkpointing import run_seed
+from updown.data.batch_memory import PackedCollate
 
 
 class ResumableShuffleSampler(DistributedSampler):
@@ -92,7 +93,7 @@ class ResumableTrainingOrder:
             dataset,
             self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=dataset.collate,
+            collate_fn=PackedCollate(dataset.collate),
             persistent_workers=self.num_workers > 0,
         )
 
