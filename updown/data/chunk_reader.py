@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 import torch
 
-from updown.data.fletcher32 import Fletcher32, checksum_matches, stored_checksums
+from updown.data.fletcher32 import Fletcher32, checksum_matches, checksums, stored_checksums
 
 # Images verified and converted together: their chunks (8 x 147 KB for COCO's 36 x 2048 float16) stay in the
 # CPU's cache between the read, the checksum and the conversion into the batch.
@@ -116,8 +116,16 @@ class ChunkReader:
             "boxes": np.empty((GROUP, layout.box_bytes), dtype=np.uint8),
         }
         if layout.checksummed:
-            self._scratch["feature_checksum"] = Fletcher32(layout.feature_bytes - 4, GROUP)
-            self._scratch["box_checksum"] = Fletcher32(layout.box_bytes - 4, GROUP)
+            features, boxes = (
+                Fletcher32(layout.feature_bytes - 4, GROUP),
+                Fletcher32(layout.box_bytes - 4, GROUP),
+            )
+            self._scratch.update(
+                feature_checksum=features,
+                box_checksum=boxes,
+                # Words per chunk, features' then boxes', for checksums() of a whole group.
+                words=np.repeat([features.words, boxes.words], GROUP),
+            )
 
     def _chunk_offsets(self) -> tuple[np.ndarray, np.ndarray]:
         """Byte offsets of every row's features and boxes chunk; -1 where the chunk is missing or not as the
@@ -230,10 +238,17 @@ class ChunkReader:
                 got = os.preadv(self._fd, [feature_chunk], at) + os.preadv(self._fd, [box_chunk], box_at)
             bad[k] = got != layout.feature_bytes + layout.box_bytes  # a file truncated after it was opened
         if layout.checksummed:
-            for name, checksum in (("features", "feature_checksum"), ("boxes", "box_checksum")):
-                chunks = scratch[name][:g]
-                computed = scratch[checksum](chunks[:, :-4])
-                bad |= ~checksum_matches(computed, stored_checksums(chunks))
+            # Both chunks of every image, finished and compared in one go.
+            features, boxes = scratch["features"][:g], scratch["boxes"][:g]
+            feature_sums = scratch["feature_checksum"].sums(features[:, :-4])
+            box_sums = scratch["box_checksum"].sums(boxes[:, :-4])
+            computed = checksums(
+                np.concatenate([feature_sums[0], box_sums[0]]),
+                np.concatenate([feature_sums[1], box_sums[1]]),
+                scratch["words"][: 2 * g] if g == GROUP else np.repeat(scratch["words"][[0, GROUP]], g),
+            )
+            stored = np.concatenate([stored_checksums(features), stored_checksums(boxes)])
+            bad |= ~checksum_matches(computed, stored).reshape(2, g).all(axis=0)
         return bad
 
     def _convert(self, k: int, n: int, features: np.ndarray, boxes: np.ndarray) -> bool:

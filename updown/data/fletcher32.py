@@ -56,11 +56,16 @@ class Fletcher32:
     def __init__(self, nbytes: int, capacity: int) -> None:
         self.nbytes = nbytes
         self.words = words_of(nbytes)
-        self.rows = -(-self.words // _ROW)
+        rows = -(-self.words // _ROW)
+        # Column sums are taken over blocks of at most 256 rows, all in one call: the rows are padded to
+        # `blocks` equal blocks.
+        self.blocks = -(-rows // _ROW)
+        self.rows = self.blocks * -(-rows // self.blocks)
         # shape: (capacity, rows * 256); the zero padding past the data is never written, so it stays zero.
         self._scratch = torch.zeros((capacity, self.rows * _ROW if self.words > _SMALL else 0))
         self._row_weights = np.arange(self.rows, dtype=np.int64)
         self._column_weights = np.arange(_ROW, dtype=np.int64)
+        self._word_weights = np.arange(self.words, dtype=np.int64)
 
     def __call__(self, data: np.ndarray) -> np.ndarray:
         """The checksums of ``data`` ``(g, nbytes)`` uint8 (``g <= capacity``; rows may be strided views).
@@ -68,28 +73,25 @@ class Fletcher32:
         Returns:
             ``(g,)`` uint32, as HDF5 computes them.
         """
-        if self.words <= _SMALL:
-            total, weighted = self._small_sums(data)
-        else:
-            total, weighted = self._sums(data)
-        # sum over i of (n - i) * v_i
-        second = self.words * total - weighted
-        # Big-endian words: w = 256 v (mod 65535).
-        sum1 = _fold(_ROW * (total % _MODULUS), total)
-        sum2 = _fold(_ROW * (second % _MODULUS), total)
-        return ((sum2 << 16) | sum1).astype(np.uint32)
+        return checksums(*self.sums(data), self.words)
+
+    def sums(self, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``sum v_i`` and ``sum i * v_i`` of each chunk's little-endian words ``v`` (int64, exact), what
+        :func:`checksums` turns into HDF5's checksums."""
+        return self._small_sums(data) if self.words <= _SMALL else self._sums(data)
 
     def _small_sums(self, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``sum v_i`` and ``sum i * v_i`` per chunk, in int64 directly (a boxes chunk: 145 words)."""
-        words = np.zeros((data.shape[0], self.words), dtype=np.int64)
-        even = self.nbytes - self.nbytes % 2
-        words[:, : even // 2] = data[:, :even].view("<u2")
+        """The sums in int64 directly (a boxes chunk: 144 words)."""
         if self.nbytes % 2:
-            words[:, even // 2] = data[:, even]
-        return words.sum(axis=1), words @ np.arange(self.words, dtype=np.int64)
+            words = np.zeros((data.shape[0], self.words), dtype=np.int64)
+            words[:, :-1] = data[:, :-1].view("<u2")
+            words[:, -1] = data[:, -1]
+        else:
+            words = data.view("<u2").astype(np.int64)
+        return words.sum(axis=1), words @ self._word_weights
 
     def _sums(self, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``sum v_i`` and ``sum i * v_i`` per chunk, from exact float32 row and column sums."""
+        """The sums from exact float32 row and column sums."""
         g = data.shape[0]
         scratch = self._scratch[:g]
         words = scratch.numpy()
@@ -102,12 +104,21 @@ class Fletcher32:
         grid = scratch.view(g, self.rows, _ROW)
         # shape: (g, rows); exact (each < 2**24), then int64 for the weighted sums.
         row_sums = grid.sum(dim=2).numpy().astype(np.int64)
-        # shape: (g, 256); column sums over at most 256 rows at a time, each exact in float32.
-        column_sums = np.zeros((g, _ROW), dtype=np.int64)
-        for start in range(0, self.rows, _ROW):
-            column_sums += grid[:, start : start + _ROW].sum(dim=1).numpy().astype(np.int64)
+        # shape: (g, blocks, 256): column sums over blocks of at most 256 rows, each exact in float32.
+        column_sums = grid.view(g, self.blocks, -1, _ROW).sum(dim=2).numpy().astype(np.int64).sum(axis=1)
         total = row_sums.sum(axis=1)
         return total, _ROW * (row_sums @ self._row_weights) + column_sums @ self._column_weights
+
+
+def checksums(total: np.ndarray, weighted: np.ndarray, words: int | np.ndarray) -> np.ndarray:
+    """HDF5's checksums from :meth:`Fletcher32.sums` of chunks of ``words`` words (one count, or one per chunk:
+    chunks of several sizes finish in one call). ``(g,)`` uint32."""
+    # sum over i of (n - i) * v_i
+    second = words * total - weighted
+    # Big-endian words: w = 256 v (mod 65535).
+    sum1 = _fold(_ROW * (total % _MODULUS), total)
+    sum2 = _fold(_ROW * (second % _MODULUS), total)
+    return ((sum2 << 16) | sum1).astype(np.uint32)
 
 
 def _fold(value: np.ndarray, total: np.ndarray) -> np.ndarray:
