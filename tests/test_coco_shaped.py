@@ -221,3 +221,26 @@ def test_time_recipe_passes_arguments_after_double_dash_to_fit():
     vqa = time_recipe.data_arguments({"data": {"class_path": "updown.data.vqa_data.VQADataModule"}}, args)
     assert vqa == ["--data.init_args.features_h5path", "w/features.h5", "--data.init_args.prepared_dir", "w/vqa",
                    "--model.init_args.glove_path", "null"]  # fmt: skip
+
+
+def test_benchmark_data_reports_the_loader_against_both_ceilings(tmp_path, capsys):
+    """tools/benchmark_data.py at a small size: every path it measures, in one table with numbers."""
+    benchmark_data = load_tool("benchmark_data")
+    path = tmp_path / "features.h5"
+    benchmark_data.write_test_file(path, 260)
+    arguments = ["--features", str(path), "--images", "60", "--batch-size", "10", "--rounds", "1"]
+    assert benchmark_data.main([*arguments, "--workers", "0", "2", "--caches", "warm"]) == 0
+    table = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:3]): line for line in table[1:]}
+    expected = {("h5py chunks (ceiling)", "warm", "-"), ("h5py reads, checksum verified", "warm", "-"),
+                ("memcpy (ceiling)", "-", "-")}  # fmt: skip
+    expected |= {("disk", "warm", w) for w in ("0", "2")} | {("worker transfer (ceiling)", "-", "2")}
+    expected |= {(store, "in memory", w) for store in ("host", "device") for w in ("0", "2")}
+    assert set(rows) == expected
+    for key, line in rows.items():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert float(cells[3].replace(",", "")) > 0, line
+        if key[0] in ("disk", "host", "device", "worker transfer (ceiling)"):  # also with the handoff copy
+            assert 0 < float(cells[6].replace(",", "")) <= float(cells[3].replace(",", "")), line

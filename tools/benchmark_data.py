@@ -11,13 +11,20 @@ order, batches of ``--batch-size``):
   (pageable when CUDA is absent): the host side of handing a batch to the accelerator, with no reader at all.
 - ceiling "h5py chunks": ``read_direct_chunk`` of each image's features and boxes chunks, in the same order, in
   one process: the file's bytes through HDF5's chunk index, without checksum, conversion or checks.
+- ceiling "worker transfer" (with workers): batches of the same shape from DataLoader workers that read nothing,
+  each a new float32 batch in shared memory filled from memory: what handing a batch from a worker to the main
+  process costs on this machine, whatever the reader.
 - for reference, "h5py reads, checksum verified": ``dataset[row]`` of the same chunks, through HDF5's filter
   pipeline (the Fletcher-32 check every reader of these files pays), in one process.
-- the loader: the project's path (``RegionFeatures`` -> dataset -> ``collate_regions`` -> ``DataLoader``) with
-  0, 2 or 4 workers, each batch consumed as training consumes it: its features copied into the same pinned
-  tensor. Worker start-up is excluded (persistent workers, started on other images first).
-  ``disk`` reads per item from the file; ``host`` and ``device`` (``device`` = CPU here when CUDA is absent)
-  load a copy of the sampled images once, so the page cache does not matter to them.
+- the loader: the project's path (dataset items ``RegionFeatures.pending(image_id)`` -> ``collate_regions``, which
+  reads each batch with ``RegionFeatures.collate`` -> ``DataLoader``) with 0, 2 or 4 workers, each batch handed
+  on as training on an accelerator hands it on: its features copied into the same pinned tensor. The table gives
+  the loader's rate without that copy (batches out of the DataLoader, what the "h5py chunks" ceiling is the
+  ceiling of; the copy is what the "memcpy" ceiling measures) and, in the last two columns, with it. Worker start-up is excluded
+  (persistent workers, started on other images first). ``disk`` reads each batch from the file (from the raw
+  chunks, checksums verified by our own code, for files in the writer's layout); ``host`` and ``device``
+  (``device`` = CPU here when CUDA is absent) load a copy of the sampled images once, so the page cache does not
+  matter to them.
 
 Cache states (``disk`` and "h5py chunks"): ``cold`` evicts the file's pages before the pass with
 ``posix_fadvise(POSIX_FADV_DONTNEED)`` (no root needed; the report shows the file's cached bytes before and after
@@ -50,13 +57,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
+from updown.data.batch_memory import PackedCollate, batch_tensor  # noqa: E402
 from updown.data.datasets import collate_regions  # noqa: E402
 from updown.data.readers import RegionFeatures  # noqa: E402
 from updown.data.writers import RegionFeaturesWriter  # noqa: E402
 
 
 class _ImageRows(Dataset):
-    """Item ``i``: the regions of the reader's ``i``-th image (file order)."""
+    """Item ``i``: the regions of the reader's ``i``-th image (file order), read when the batch is collated, as
+    the project's datasets do."""
 
     def __init__(self, reader: RegionFeatures) -> None:
         self.reader = reader
@@ -66,7 +75,7 @@ class _ImageRows(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int):
-        return self.reader[self.ids[index]]
+        return self.reader.pending(self.ids[index])
 
 
 class _SettableOrder(Sampler):
@@ -133,6 +142,45 @@ def memcpy_pass(source: torch.Tensor, rows: list[int], staging: torch.Tensor, ba
     return time.perf_counter() - start
 
 
+class _FilledBatches:
+    """A collate function that reads nothing: each batch is a new batch tensor (shared memory in a worker)
+    filled from a block in memory, what the worker path costs with a free reader."""
+
+    def __init__(self, block: torch.Tensor) -> None:
+        self.block = block
+
+    def __call__(self, items: list[int]) -> dict[str, torch.Tensor]:
+        features = batch_tensor((len(items), *self.block.shape[1:]), torch.float32, zero=False)
+        features.copy_(self.block[: len(items)])
+        return {"image_features": features}
+
+
+class TransferCase:
+    """Batches of the loader's size from worker processes, with no reading: the ceiling of the worker path on this
+    machine (new shared memory per batch, crossing processes), timed like a loader."""
+
+    def __init__(self, block: torch.Tensor, workers: int, batch_size: int, images: int) -> None:
+        self.loader = DataLoader(
+            list(range(images)),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=PackedCollate(_FilledBatches(block)),
+            persistent_workers=True,
+        )
+        for _ in self.loader:  # starts the workers
+            pass
+
+    def run(self, staging: torch.Tensor) -> tuple[float, float]:
+        copying = 0.0
+        start = time.perf_counter()
+        for batch in self.loader:
+            features = batch["image_features"]
+            copy_start = time.perf_counter()
+            staging[: features.shape[0]].copy_(features)
+            copying += time.perf_counter() - copy_start
+        return time.perf_counter() - start, copying
+
+
 class LoaderCase:
     """A DataLoader over one reader with persistent workers, ready to time a pass in a given order."""
 
@@ -146,21 +194,25 @@ class LoaderCase:
             batch_size=batch_size,
             sampler=self.sampler,
             num_workers=workers,
-            collate_fn=collate_regions,
+            collate_fn=PackedCollate(collate_regions),
             persistent_workers=workers > 0,
         )
         self.sampler.order = startup_rows
         for _ in self.loader:  # starts the workers (kept), on images outside the measured sample
             pass
 
-    def run(self, staging: torch.Tensor) -> float:
-        """Seconds for one pass over the measured rows, each batch's features copied into ``staging``."""
+    def run(self, staging: torch.Tensor) -> tuple[float, float]:
+        """Seconds for one pass over the measured rows, each batch's features copied into ``staging``, and the
+        seconds of those copies (the handoff to the accelerator) among them."""
         self.sampler.order = self.rows
+        copying = 0.0
         start = time.perf_counter()
         for batch in self.loader:
             features = self.reader.gather_batch(batch)["image_features"]
+            copy_start = time.perf_counter()
             staging[: features.shape[0], : features.shape[1]].copy_(features)
-        return time.perf_counter() - start
+            copying += time.perf_counter() - copy_start
+        return time.perf_counter() - start, copying
 
 
 def write_sample_copy(source: Path, rows: list[int], target: Path) -> None:
@@ -286,6 +338,10 @@ def run(args, path: Path, folder: Path) -> int:
             if "disk" in args.stores:
                 case = cases["disk", workers]
                 passes.append((("disk", cache, workers), prepare, lambda c=case: c.run(staging)))
+    block = torch.from_numpy(np.random.default_rng(2).random((args.batch_size, max_boxes, dim), np.float32))
+    for workers in [w for w in args.workers if w > 0]:
+        transfer = TransferCase(block, workers, args.batch_size, len(rows))
+        passes.append((("worker transfer (ceiling)", "-", workers), None, lambda c=transfer: c.run(staging)))
     passes.append(
         (("memcpy (ceiling)", "-", "-"), None, lambda: memcpy_pass(source, rows, staging, args.batch_size))
     )
@@ -296,12 +352,17 @@ def run(args, path: Path, folder: Path) -> int:
                 passes.append(((store, "in memory", workers), None, lambda c=case: c.run(staging)))
 
     rates: dict[tuple, list[float]] = defaultdict(list)
+    handed: dict[tuple, list[float]] = defaultdict(list)  # loader rows: images/s with the handoff copy
     for round_index in range(args.rounds):
         ordered = passes if round_index % 2 == 0 else passes[::-1]
         for label, prepare, measure in ordered:
             if prepare is not None:
                 prepare()
-            rates[label].append(len(rows) / measure())
+            seconds = measure()
+            if isinstance(seconds, tuple):  # a loader: (all, the handoff copies among them)
+                handed[label].append(len(rows) / seconds[0])
+                seconds = seconds[0] - seconds[1]
+            rates[label].append(len(rows) / seconds)
         print(f"round {round_index + 1}/{args.rounds} done, load average {load_average()}", file=sys.stderr)
 
     median = {label: statistics.median(values) for label, values in rates.items()}
@@ -316,16 +377,25 @@ def run(args, path: Path, folder: Path) -> int:
     if eviction:
         print(eviction + ".")
     print()
-    print("| path | page cache | workers | images/s | % of memcpy | % of h5py chunks |")
-    print("|---|---|---|---:|---:|---:|")
+    print(
+        "| path | page cache | workers | images/s | % of memcpy | % of h5py chunks | with handoff copy: images/s "
+        "| % of h5py chunks |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for label, _, _ in passes:
         path_name, cache, workers = label
         rate = median[label]
-        # In-memory stores are compared with the warm ceiling.
-        chunks = median.get(("h5py chunks (ceiling)", "warm" if cache == "in memory" else cache, "-"))
-        chunk_share = f"{100 * rate / chunks:.0f}%" if chunks else "-"
+        # In-memory stores and the worker transfer are compared with the warm ceiling.
+        chunks = median.get(("h5py chunks (ceiling)", cache if cache in ("cold", "warm") else "warm", "-"))
+
+        def share(value: float, chunks: float | None = chunks) -> str:
+            return f"{100 * value / chunks:.0f}%" if chunks else "-"
+
+        with_copy = statistics.median(handed[label]) if label in handed else None
+        handoff = f"{with_copy:,.0f} | {share(with_copy)}" if with_copy is not None else "- | -"
         print(
-            f"| {path_name} | {cache} | {workers} | {rate:,.0f} | {100 * rate / memcpy:.0f}% | {chunk_share} |"
+            f"| {path_name} | {cache} | {workers} | {rate:,.0f} | {100 * rate / memcpy:.0f}% | {share(rate)} "
+            f"| {handoff} |"
         )
     return 0
 
