@@ -259,6 +259,15 @@ def test_a_file_truncated_after_it_was_opened_is_refused(tmp_path):
         reader.collate(ids)
 
 
+def test_a_file_replaced_before_the_first_batch_is_refused_with_the_readers_message(tmp_path):
+    path = tmp_path / "f.h5"
+    ids = _mixed_file(path)
+    reader = RegionFeatures(path)  # metadata read; the chunk index is read with the first batch
+    path.write_bytes(b"not HDF5 any more")
+    with pytest.raises(ValueError, match=rf"^{path}: not a readable HDF5 file any more"):
+        reader.collate(ids[:3])
+
+
 # ------------------------------------------------------------------------------------------------- processes
 
 

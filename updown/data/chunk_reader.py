@@ -106,9 +106,14 @@ class ChunkReader:
         """This process's descriptor and scratch memory, and (once) every chunk's byte offset."""
         if self._pid == os.getpid():
             return
-        if self._offsets is None:
-            self._offsets = self._chunk_offsets()
-        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if self._offsets is None:
+                self._offsets = self._chunk_offsets()
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError):
+            # The file changed after the reader opened it: every row goes through h5py, which says so.
+            missing = np.full(self.num_rows, -1, dtype=np.int64)
+            self._offsets, self._fd = (missing, missing), None
         self._pid = os.getpid()
         layout = self.layout
         self._scratch = {
@@ -227,7 +232,7 @@ class ChunkReader:
         bad = np.zeros(g, dtype=bool)
         for k, row in enumerate(rows.tolist()):
             at, box_at = int(feature_offsets[row]), int(box_offsets[row])
-            if at < 0 or box_at < 0:
+            if at < 0 or box_at < 0 or self._fd is None:
                 bad[k] = True
                 continue
             feature_chunk, box_chunk = scratch["features"][k], scratch["boxes"][k]
