@@ -1,4 +1,6 @@
-"""Batch tensors that cross from a DataLoader worker to the main process without a copy."""
+"""Where batch tensors live: in shared memory when a DataLoader worker makes them (:func:`batch_tensor`), in reused
+buffers when the main process does (:class:`BatchBuffers`), and packed into one block for the trip from a worker
+(:class:`PackedCollate`)."""
 
 from __future__ import annotations
 
