@@ -113,3 +113,28 @@ def test_same_seed_and_config_give_the_same_metrics(tmp_path, tiny_captioning_ru
     assert {k: v for k, v in first.items() if k.startswith("val/")} == {
         k: v for k, v in second.items() if k.startswith("val/")
     }
+
+
+def test_null_on_the_command_line_switches_an_optional_net_option_off():
+    """`--model.init_args.net.word_vectors null` reaches a config nested in a task's init_args as the string "None"
+    (jsonargparse, subclass mode); the config reads it as the null that was meant."""
+    from updown.fit import build_cli
+
+    config = ROOT / "configs" / "captioning" / "synthetic_novel.yaml"
+    assert yaml.safe_load(config.read_text())["model"]["init_args"]["net"]["word_vectors"] is not None
+    cli = build_cli(["--config", str(config), "--model.init_args.net.word_vectors", "null",
+                     "--model.init_args.net.feature_encoder", "null"])  # fmt: skip
+    assert cli.model.net_config.word_vectors is None and cli.model.net_config.feature_encoder is None
+
+
+def test_only_nested_init_args_nulls_are_rewritten():
+    from updown.fit import nested_nulls_as_json
+
+    args = ["--model.init_args.net.word_vectors", "null", "--data.init_args.synthetic.held_out=~",
+            "--data.init_args.features_h5path", "null", "--trainer.logger", "null", "--model.init_args.net.dropout",
+            "0.1", "--model.init_args.net.word_vectors"]  # fmt: skip
+    assert nested_nulls_as_json(args) == [
+        '--model.init_args.net={"word_vectors": null}', '--data.init_args.synthetic={"held_out": null}',
+        "--data.init_args.features_h5path", "null", "--trainer.logger", "null", "--model.init_args.net.dropout",
+        "0.1", "--model.init_args.net.word_vectors",
+    ]  # fmt: skip

@@ -13,6 +13,7 @@ with ``checkpoints/`` and the final ``metrics.json``. ``--debug`` shows tracebac
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import traceback
@@ -98,13 +99,41 @@ def with_default_config(args: list[str]) -> list[str]:
     return args if chooses or not DEFAULT_CONFIG.exists() else ["--config", str(DEFAULT_CONFIG), *args]
 
 
+NULL_WORDS = ("null", "None", "~")
+
+
+def nested_nulls_as_json(args: list[str]) -> list[str]:
+    """``--model.init_args.net.word_vectors null`` as ``--model.init_args.net={"word_vectors": null}``.
+
+    jsonargparse (4.53, subclass mode) turns a command-line null for a field of a config nested in ``init_args``
+    into the string "None": a path option then names a file "None", a choice refuses it. The JSON form of the same
+    override sets null and keeps the config's other fields (it merges), so the option is rewritten to it.
+    """
+    rewritten, i = [], 0
+    while i < len(args):
+        option, value, step = args[i], None, 1
+        if option.startswith("--") and "=" in option:
+            option, value = option.split("=", 1)
+        elif option.startswith("--") and i + 1 < len(args):
+            value, step = args[i + 1], 2
+        head, _, rest = option.partition(".init_args.")
+        if value in NULL_WORDS and rest.count(".") >= 1:
+            parent, key = (head + ".init_args." + rest).rsplit(".", 1)
+            rewritten.append(f"{parent}={{{json.dumps(key)}: null}}")
+            i += step
+        else:
+            rewritten.append(args[i])
+            i += 1
+    return rewritten
+
+
 def build_cli(args: list[str], cli_class: type[UpDownCLI] = UpDownCLI, **kwargs) -> UpDownCLI:
     """The CLI of every entry point; ``updown.validate`` passes its subclass and overrides (``kwargs``)."""
     options = dict(
         subclass_mode_model=True,
         subclass_mode_data=True,
         run=False,
-        args=args,
+        args=nested_nulls_as_json(args),
         # Parse errors raise (and become one `error:` line) instead of printing the usage and a nested report.
         parser_kwargs={"exit_on_error": False},
         save_config_kwargs={"overwrite": True},
