@@ -73,7 +73,7 @@ class TaggingDataset(Dataset):
 
     def __getitem__(self, index: int):
         image_id = self.image_ids[index]
-        return self.features[image_id], self.features.extra(image_id, "region_category")
+        return self.features.pending(image_id), self.features.extra(image_id, "region_category")
 
     def collate(self, items) -> TaggingBatch:
         batch = collate_regions([regions for regions, _ in items])
