@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 
 import pytest
 import torch
+import toy_decoder
 
 from updown.constraints import Constraint, ConstraintAutomaton
 from updown.decoding import beam_search, constrained_beam_search
@@ -18,37 +20,8 @@ WORDS = [4, 5, 6, 7]
 NUM_BOXES = 3
 
 
-class ToyModel:
-    """Next-token log-probabilities depend on the image and the last two tokens: table[image, y_{t-2}, y_{t-1}]."""
-
-    def __init__(self, num_images: int, seed: int = 0) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        logits = 2.0 * torch.randn(num_images, VOCABULARY, VOCABULARY, VOCABULARY, generator=generator)
-        logits[..., EOS] -= 1.5  # so that the best captions have varied lengths
-        self.table = torch.log_softmax(logits, dim=-1)
-        self.attention_table = torch.softmax(
-            torch.randn(VOCABULARY, VOCABULARY, NUM_BOXES, generator=generator), dim=-1
-        )
-
-    def init_state(self, images: list[int]) -> dict[str, torch.Tensor]:
-        images_tensor = torch.tensor(images)
-        return {"image": images_tensor, "previous": torch.full_like(images_tensor, BOS)}
-
-    def step(self, tokens, state):
-        logprobs = self.table[state["image"], state["previous"], tokens]
-        attention = self.attention_table[state["previous"], tokens]
-        return logprobs, {"image": state["image"], "previous": tokens}, attention
-
-    def score(self, image: int, sequence: list[int]) -> float:
-        if not hasattr(
-            self, "_table_lists"
-        ):  # plain lists: the exhaustive search scores thousands of captions
-            self._table_lists = self.table.tolist()
-        previous, last, total = BOS, BOS, 0.0
-        for token in sequence:
-            total += self._table_lists[image][previous][last][token]
-            previous, last = last, token
-        return total
+# <eos> made less likely, so that the best captions have varied lengths.
+ToyModel = partial(toy_decoder.ToyModel, vocabulary=VOCABULARY, eos_bias=1.5)
 
 
 def occurs(form: tuple[int, ...], sequence: list[int]) -> bool:
