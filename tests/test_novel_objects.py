@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, synthetic_world_args
 
 from updown.data.detections import ConstraintFilter, read_detections
 from updown.data.readers import RegionFeatures
@@ -134,11 +134,7 @@ def tiny_novel_args(root, data_root, *extra: str) -> list[str]:
         "--trainer.enable_progress_bar", "false",
         "--model.init_args.net.hidden_size", "32",
         "--model.init_args.net.attention_size", "16",
-        "--data.init_args.data_root", str(data_root),
-        "--data.init_args.synthetic.num_train", str(NOVEL_SPEC.num_train),
-        "--data.init_args.synthetic.num_val", str(NOVEL_SPEC.num_val),
-        "--data.init_args.synthetic.num_test", str(NOVEL_SPEC.num_test),
-        "--data.init_args.synthetic.feature_size", str(NOVEL_SPEC.feature_size),
+        *synthetic_world_args(data_root, NOVEL_SPEC),
         *extra,
     ]  # fmt: skip
 
