@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import updown.data.chunk_reader as chunk_reader
+from updown.data.batch_memory import PackedCollate, SlotDataLoader
 from updown.data.datasets import collate_regions
 from updown.data.fletcher32 import Fletcher32, checksum_matches, reference_fletcher32, stored_checksums
 from updown.data.readers import RegionFeatures
@@ -283,11 +284,33 @@ def test_the_reader_pickles_with_its_chunk_index_and_without_its_descriptor(tmp_
     _assert_batches_equal(copy.collate(ids), expected)
 
 
-def test_loader_workers_read_the_same_batches(tmp_path):
+class _Pending(torch.utils.data.Dataset):
+    """The reader's images as the project's datasets give them (``features``: what a SlotDataLoader sizes by)."""
+
+    def __init__(self, reader: RegionFeatures, ids: list[int]) -> None:
+        self.features, self.ids = reader, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        return self.features.pending(self.ids[index])
+
+
+@pytest.mark.parametrize("loader_class", [torch.utils.data.DataLoader, SlotDataLoader])
+def test_loader_workers_read_the_same_batches(tmp_path, loader_class):
     ids = _mixed_file(tmp_path / "f.h5")
     reader = RegionFeatures(tmp_path / "f.h5")
-    loader = torch.utils.data.DataLoader(
-        [reader.pending(i) for i in ids], batch_size=4, num_workers=2, collate_fn=collate_regions
+    loader = loader_class(
+        _Pending(reader, ids),
+        batch_size=4,
+        num_workers=2,
+        collate_fn=PackedCollate(collate_regions),
+        persistent_workers=True,
     )
-    for k, batch in enumerate(loader):
-        _assert_batches_equal(batch, _eager_batch(reader, ids[4 * k : 4 * k + 4]))
+    for _ in range(2):
+        for k, batch in enumerate(loader):
+            _assert_batches_equal(batch, _eager_batch(reader, ids[4 * k : 4 * k + 4]))
+    if loader_class is SlotDataLoader:  # every batch's features were read into the workers' slots
+        counts = loader._iterator.shared_batch_slots.counts
+        assert counts[:, 0].sum() == 2 * len(loader) and counts[:, 1].sum() == 0

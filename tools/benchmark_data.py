@@ -12,12 +12,13 @@ order, batches of ``--batch-size``):
 - ceiling "h5py chunks": ``read_direct_chunk`` of each image's features and boxes chunks, in the same order, in
   one process: the file's bytes through HDF5's chunk index, without checksum, conversion or checks.
 - ceiling "worker transfer" (with workers): batches of the same shape from DataLoader workers that read nothing,
-  each a new float32 batch in shared memory filled from memory: what handing a batch from a worker to the main
-  process costs on this machine, whatever the reader.
+  each filled from memory: what handing a batch from a worker to the main process costs on this machine, whatever
+  the reader. Twice: with the project's ``SlotDataLoader`` (the workers' shared slots, reused; what the loader
+  rows use) and with a plain ``DataLoader`` (new shared memory per batch, as PyTorch's default collate makes).
 - for reference, "h5py reads, checksum verified": ``dataset[row]`` of the same chunks, through HDF5's filter
   pipeline (the Fletcher-32 check every reader of these files pays), in one process.
 - the loader: the project's path (dataset items ``RegionFeatures.pending(image_id)`` -> ``collate_regions``, which
-  reads each batch with ``RegionFeatures.collate`` -> ``DataLoader``) with 0, 2 or 4 workers, each batch handed
+  reads each batch with ``RegionFeatures.collate`` -> ``SlotDataLoader``) with 0, 2 or 4 workers, each batch handed
   on as training on an accelerator hands it on: its features copied into the same pinned tensor. The table gives
   the loader's rate without that copy (batches out of the DataLoader, what the "h5py chunks" ceiling is the
   ceiling of; the copy is what the "memcpy" ceiling measures) and, in the last two columns, with it. Worker start-up is excluded
@@ -57,7 +58,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
-from updown.data.batch_memory import PackedCollate, batch_tensor  # noqa: E402
+from updown.data.batch_memory import PackedCollate, SlotDataLoader, features_tensor  # noqa: E402
 from updown.data.datasets import collate_regions  # noqa: E402
 from updown.data.readers import RegionFeatures  # noqa: E402
 from updown.data.writers import RegionFeaturesWriter  # noqa: E402
@@ -143,25 +144,43 @@ def memcpy_pass(source: torch.Tensor, rows: list[int], staging: torch.Tensor, ba
 
 
 class _FilledBatches:
-    """A collate function that reads nothing: each batch is a new batch tensor (shared memory in a worker)
-    filled from a block in memory, what the worker path costs with a free reader."""
+    """A collate function that reads nothing: each batch's features tensor (what the reader's collate takes: a
+    worker's shared slot, or new shared memory) filled from a block in memory, what the worker path costs with a
+    free reader."""
 
     def __init__(self, block: torch.Tensor) -> None:
         self.block = block
 
     def __call__(self, items: list[int]) -> dict[str, torch.Tensor]:
-        features = batch_tensor((len(items), *self.block.shape[1:]), torch.float32, zero=False)
+        features = features_tensor((len(items), *self.block.shape[1:]), torch.float32)
         features.copy_(self.block[: len(items)])
         return {"image_features": features}
 
 
+class _Indices(Dataset):
+    """Items ``0 .. n - 1``, with the ``features`` a SlotDataLoader sizes its slots by (a block's batch)."""
+
+    def __init__(self, n: int, block: torch.Tensor) -> None:
+        self.n, self.features = n, self
+        self.row_bytes = block[0].nbytes
+
+    def batch_features_nbytes(self, batch_size: int) -> int:
+        return batch_size * self.row_bytes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
 class TransferCase:
     """Batches of the loader's size from worker processes, with no reading: the ceiling of the worker path on this
-    machine (new shared memory per batch, crossing processes), timed like a loader."""
+    machine (crossing processes, through shared slots or new shared memory per batch), timed like a loader."""
 
-    def __init__(self, block: torch.Tensor, workers: int, batch_size: int, images: int) -> None:
-        self.loader = DataLoader(
-            list(range(images)),
+    def __init__(self, block: torch.Tensor, workers: int, batch_size: int, images: int, slots: bool) -> None:
+        self.loader = (SlotDataLoader if slots else DataLoader)(
+            _Indices(images, block),
             batch_size=batch_size,
             num_workers=workers,
             collate_fn=PackedCollate(_FilledBatches(block)),
@@ -189,7 +208,7 @@ class LoaderCase:
     ) -> None:
         self.reader, self.rows = reader, rows
         self.sampler = _SettableOrder()
-        self.loader = DataLoader(
+        self.loader = SlotDataLoader(
             _ImageRows(reader),
             batch_size=batch_size,
             sampler=self.sampler,
@@ -340,8 +359,12 @@ def run(args, path: Path, folder: Path) -> int:
                 passes.append((("disk", cache, workers), prepare, lambda c=case: c.run(staging)))
     block = torch.from_numpy(np.random.default_rng(2).random((args.batch_size, max_boxes, dim), np.float32))
     for workers in [w for w in args.workers if w > 0]:
-        transfer = TransferCase(block, workers, args.batch_size, len(rows))
-        passes.append((("worker transfer (ceiling)", "-", workers), None, lambda c=transfer: c.run(staging)))
+        for slots, name in (
+            (True, "worker transfer, slots (ceiling)"),
+            (False, "worker transfer, plain DataLoader"),
+        ):
+            transfer = TransferCase(block, workers, args.batch_size, len(rows), slots)
+            passes.append(((name, "-", workers), None, lambda c=transfer: c.run(staging)))
     passes.append(
         (("memcpy (ceiling)", "-", "-"), None, lambda: memcpy_pass(source, rows, staging, args.batch_size))
     )

@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from updown.config import NonNegativeInt, PositiveInt, check_arguments
-from updown.data.batch_memory import PackedCollate
+from updown.data.batch_memory import PackedCollate, SlotDataLoader
 from updown.data.feature_store import FeatureStoreKind, resolve_feature_store
 from updown.data.readers import RegionFeatures
 from updown.data.samplers import ResumableTrainingOrder
@@ -252,7 +252,7 @@ class RegionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
     def evaluation_loader(self, split: str, batch_size: int | None = None) -> DataLoader:
         """The DataLoader of ``split`` in its order (no shuffling), ``eval_batch_size`` items per batch."""
         dataset = self.dataset(split)
-        return DataLoader(
+        return SlotDataLoader(
             dataset,
             batch_size=batch_size or self.eval_batch_size,
             shuffle=False,

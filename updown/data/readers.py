@@ -910,6 +910,12 @@ class RegionFeatures:
         store_row = None if self.store is None else int(self._offsets[file_index]) + row
         return RegionFeature(int(image_id), features, boxes, spatial_features(boxes, w, h), w, h, store_row)
 
+    def batch_features_nbytes(self, batch_size: int) -> int:
+        """Bytes of the largest ``image_features`` of a batch of ``batch_size`` images (float32, every image at
+        the most boxes); 0 with the ``device`` store, whose batches carry row indices instead. What a
+        :class:`~updown.data.batch_memory.SlotDataLoader` sizes its workers' slots by."""
+        return 0 if self.store is not None else batch_size * self.max_boxes * self.feature_size * 4
+
     def pending(self, image_id: int) -> PendingRegions:
         """The image's regions, read when its batch is collated (what datasets return; see :meth:`collate`)."""
         return PendingRegions(self, int(image_id))

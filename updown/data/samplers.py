@@ -19,7 +19,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from updown.checkpointing import run_seed
-from updown.data.batch_memory import PackedCollate
+from updown.data.batch_memory import PackedCollate, SlotDataLoader
 
 
 class ResumableShuffleSampler(DistributedSampler):
@@ -84,7 +84,7 @@ class ResumableTrainingOrder:
         if self._resume_position is not None and self._resume_position[0] >= current_epoch:
             epoch, batch = self._resume_position
             sampler.start_at(epoch, batch * batch_size)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_arguments)
+        return SlotDataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_arguments)
 
     def shuffled_train_loader(self, dataset: Dataset) -> DataLoader:
         """:meth:`resumable_train_loader` with the datamodule's ``batch_size`` and ``num_workers`` and the
