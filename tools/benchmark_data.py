@@ -69,14 +69,14 @@ class _ImageRows(Dataset):
     the project's datasets do."""
 
     def __init__(self, reader: RegionFeatures) -> None:
-        self.reader = reader
+        self.features = reader  # the name the project's datasets use (SlotDataLoader sizes its slots by it)
         self.ids = reader.image_ids
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int):
-        return self.reader.pending(self.ids[index])
+        return self.features.pending(self.ids[index])
 
 
 class _SettableOrder(Sampler):

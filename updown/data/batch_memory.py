@@ -20,11 +20,13 @@ from torch.utils.data import DataLoader, get_worker_info
 
 def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, zero: bool = True) -> torch.Tensor:
     """A zero tensor (uninitialised with ``zero=False``, for a caller that writes every element); in a DataLoader
-    worker, in shared memory, so sending it to the main process copies nothing.
+    worker, when it is large, in shared memory, so sending it to the main process copies nothing.
 
-    (Lightning's and PyTorch's default collate do the same; without it every batch is copied once more.)
+    (Lightning's and PyTorch's default collate do the same; without it every large batch tensor is copied once
+    more.) A small one stays in the worker's own memory: :class:`PackedCollate` copies it into its block anyway,
+    and new shared memory costs a file, a mapping and page faults, ~0.1 ms however small.
     """
-    if get_worker_info() is None:
+    if get_worker_info() is None or math.prod(shape) * _itemsize(dtype) < _OWN_BLOCK:
         return torch.zeros(shape, dtype=dtype) if zero else torch.empty(shape, dtype=dtype)
     # Allocate straight in shared memory (as torch's default_collate does): share_memory_() on a tensor
     # would allocate, zero and then copy it.
@@ -162,13 +164,14 @@ class SharedBatchSlots:
         nbytes = math.prod(shape) * _itemsize(dtype)
         first = worker * self.per_worker
         flags = self.free.numpy()[first : first + self.per_worker]
-        free = np.flatnonzero(flags)
-        if nbytes > self.slot_bytes or not len(free):
-            self.counts[worker, 1] += 1
+        free = flags.argmax()  # the first free slot, if any
+        counts = self.counts.numpy()[worker]
+        if nbytes > self.slot_bytes or not flags[free]:
+            counts[1] += 1
             return None
-        self.counts[worker, 0] += 1
-        flags[free[0]] = 0
-        slot = first + int(free[0])
+        counts[0] += 1
+        flags[free] = 0
+        slot = first + int(free)
         self._taken.append(slot)
         start = slot * self.slot_bytes
         return self.memory[start : start + nbytes].view(dtype).view(shape)
@@ -364,7 +367,8 @@ class _PackedBatch(dict):
             tensor = self[key]
             layout.append((key, tensor.dtype, tuple(tensor.shape), offset))
             offset += -(-tensor.nbytes // _ALIGN) * _ALIGN
-        block = torch.empty(offset, dtype=torch.uint8)
+        # Straight in shared memory: pickling a tensor elsewhere would copy it there.
+        block = _shared_empty((offset,), torch.uint8)
         for key, _, _, start in layout:
             data = self[key].contiguous().view(-1).view(torch.uint8)
             block[start : start + data.numel()] = data
