@@ -147,6 +147,17 @@ def test_worker_batches_come_through_reused_slots_and_equal_in_process_batches()
     assert slots.memory.nbytes == 2 * slots.per_worker * slots.slot_bytes
 
 
+def test_slots_reach_workers_started_with_spawn():
+    """macOS and Windows start workers with "spawn": the slots travel to them pickled, as shared memory."""
+    dataset = _Numbered(24)
+    loader = _slot_loader(dataset, num_workers=1, multiprocessing_context="spawn")
+    for _ in range(2):
+        for batch in loader:
+            assert torch.equal(batch["features"], _expected(batch))
+    counts = loader._iterator.shared_batch_slots.counts
+    assert counts[:, 0].sum() == 2 * 4 and counts[:, 1].sum() == 0
+
+
 def test_a_slot_is_not_written_while_a_batch_from_it_is_alive():
     dataset = _Numbered(70)  # 12 batches: more than the 8 slots
     loader = _slot_loader(dataset)
