@@ -7,6 +7,7 @@ the collate function batches the rows, and ``on_after_batch_transfer`` gathers t
 from __future__ import annotations
 
 import pickle
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -203,3 +204,20 @@ def test_the_trainer_gathers_device_batches_through_the_datamodule_hook(tiny_wor
     # What the loader yields, before the hook: rows, no features.
     raw = next(iter(device.val_dataloader()))
     assert FEATURES_INDEX_KEY in raw and "image_features" not in raw
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_loaders_pin_their_batches_when_the_trainer_runs_on_cuda(tiny_world, device):
+    """On a CUDA device a batch goes over by DMA, asynchronously, from page-locked memory; on the CPU pinning would
+    only copy it. (The loaders are built, not iterated: this machine may have no CUDA.)"""
+    datamodule = CaptioningDataModule(data_root=str(tiny_world.root.parent), synthetic=TINY_SPEC)
+    assert datamodule.pin_memory is False  # no Trainer yet
+    datamodule.trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device(device)),
+        world_size=1,
+        global_rank=0,
+        current_epoch=0,
+    )
+    datamodule.setup("fit")
+    loaders = [datamodule.train_dataloader(), datamodule.val_dataloader(), datamodule.test_dataloader()]
+    assert [loader.pin_memory for loader in loaders] == [device == "cuda"] * 3

@@ -259,6 +259,7 @@ class RegionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=PackedCollate(dataset.collate),
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -86,15 +86,26 @@ class ResumableTrainingOrder:
             sampler.start_at(epoch, batch * batch_size)
         return SlotDataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_arguments)
 
+    @property
+    def pin_memory(self) -> bool:
+        """Whether the loaders pin their batches: when the Trainer runs on a CUDA device. Lightning then copies a
+        batch to the device with ``non_blocking=True`` as an asynchronous DMA, and the host copy into page-locked
+        memory runs in the DataLoader's pinning thread instead of in the training loop (from pageable memory the
+        CUDA driver makes that copy itself, synchronously)."""
+        trainer = getattr(self, "trainer", None)
+        device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+        return getattr(device, "type", None) == "cuda"
+
     def shuffled_train_loader(self, dataset: Dataset) -> DataLoader:
-        """:meth:`resumable_train_loader` with the datamodule's ``batch_size`` and ``num_workers`` and the
-        dataset's ``collate``: every datamodule's ``train_dataloader``."""
+        """:meth:`resumable_train_loader` with the datamodule's ``batch_size``, ``num_workers`` and
+        :attr:`pin_memory` and the dataset's ``collate``: every datamodule's ``train_dataloader``."""
         return self.resumable_train_loader(
             dataset,
             self.batch_size,
             num_workers=self.num_workers,
             collate_fn=PackedCollate(dataset.collate),
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
         )
 
     def state_dict(self) -> dict[str, Any]:
