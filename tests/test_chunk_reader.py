@@ -65,7 +65,29 @@ def test_checksum_matches_accepts_what_hdf5_accepts_and_nothing_else():
 
 def _eager_batch(reader: RegionFeatures, ids: list[int]) -> dict:
     """The one-by-one path: reader[image_id] (h5py, HDF5's checksum), stacked by collate_regions."""
-    return reader.gather_batch(collate_regions([reader[i] for i in ids]))
+    return reader.finish_batch(collate_regions([reader[i] for i in ids]))
+
+
+# Batches as a CPU Trainer gets them (float32), and as an accelerator's gets them: float16 files' features in
+# float16, read straight from their chunks into the batch where they can be, converted by finish_batch.
+BATCH_DTYPES = pytest.mark.parametrize(
+    "on_device", [False, True], ids=["float32 batches", "file-dtype batches"]
+)
+
+
+def _reader(path, on_device: bool = False, **options) -> RegionFeatures:
+    reader = RegionFeatures(path, **options)
+    reader.convert_on_device = on_device
+    return reader
+
+
+def _collated(reader: RegionFeatures, ids: list[int]) -> dict:
+    """``reader.collate(ids)`` as a model gets it (``finish_batch``), after checking the dtype it crossed in."""
+    batch = reader.collate(ids)
+    if "image_features" in batch:
+        float16 = reader.convert_on_device and all(f.feature_dtype == np.float16 for f in reader.files)
+        assert batch["image_features"].dtype == (torch.float16 if float16 else torch.float32)
+    return reader.finish_batch(batch)
 
 
 def _assert_batches_equal(batch: dict, expected: dict) -> None:
@@ -92,22 +114,26 @@ def _mixed_file(
     return [first_id + k for k in range(len(counts))]
 
 
+@BATCH_DTYPES
 @pytest.mark.parametrize("full", [False, True], ids=["box counts vary", "every box real"])
 @pytest.mark.parametrize("signed", [False, True], ids=["rectified", "some negative"])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("store", ["disk", "host", "device"])
-def test_a_batch_equals_the_collated_single_reads(tmp_path, dtype, store, full, signed):
+def test_a_batch_equals_the_collated_single_reads(tmp_path, dtype, store, full, signed, on_device):
     ids = _mixed_file(tmp_path / "f.h5", dtype=dtype, full=full, signed=signed)
-    reader = RegionFeatures(tmp_path / "f.h5", feature_store=store)
+    reader = _reader(tmp_path / "f.h5", on_device, feature_store=store)
     order = [ids[k] for k in (4, 0, 12, 7, 1, 9, 3, 11, 2, 10, 5, 8, 6)]  # more than one checksum group
     for chosen in (order, order[:1], order[3:6]):
-        _assert_batches_equal(reader.gather_batch(reader.collate(chosen)), _eager_batch(reader, chosen))
+        _assert_batches_equal(_collated(reader, chosen), _eager_batch(reader, chosen))
 
 
+@BATCH_DTYPES
 @pytest.mark.parametrize("full", [False, True], ids=["box counts vary", "every box real"])
-def test_the_disk_store_reads_our_files_from_their_chunks_not_through_h5py(tmp_path, monkeypatch, full):
+def test_the_disk_store_reads_our_files_from_their_chunks_not_through_h5py(
+    tmp_path, monkeypatch, full, on_device
+):
     ids = _mixed_file(tmp_path / "f.h5", full=full)
-    reader = RegionFeatures(tmp_path / "f.h5")
+    reader = _reader(tmp_path / "f.h5", on_device)
     expected = _eager_batch(reader, ids)
     assert reader.files[0]._chunks is not None
 
@@ -115,15 +141,43 @@ def test_the_disk_store_reads_our_files_from_their_chunks_not_through_h5py(tmp_p
         raise AssertionError(f"row {row} was read through h5py")
 
     monkeypatch.setattr(type(reader.files[0]), "read", no_h5py_read)
-    _assert_batches_equal(reader.collate(ids), expected)
+    staging_copies = []
+    convert_group = chunk_reader.ChunkReader._convert_group
+
+    def recording(self, staged, features, boxes, copy):
+        staging_copies.append(copy)
+        return convert_group(self, staged, features, boxes, copy)
+
+    monkeypatch.setattr(chunk_reader.ChunkReader, "_convert_group", recording)
+    _assert_batches_equal(_collated(reader, ids), expected)
+    # Float16 batches of whole images take the chunks straight into their rows, with no staging copy.
+    assert staging_copies == ([not on_device] * 2 if full else [])
 
 
-def test_a_batch_across_two_files_keeps_the_requested_order(tmp_path):
+@BATCH_DTYPES
+def test_a_batch_across_two_files_keeps_the_requested_order(tmp_path, on_device):
     first = _mixed_file(tmp_path / "a.h5", seed=1, first_id=1)
     second = _mixed_file(tmp_path / "b.h5", seed=2, first_id=100)
-    reader = RegionFeatures([tmp_path / "a.h5", tmp_path / "b.h5"])
+    reader = _reader([tmp_path / "a.h5", tmp_path / "b.h5"], on_device)
     chosen = [second[3], first[0], first[5], second[0], second[12], first[1]]
-    _assert_batches_equal(reader.collate(chosen), _eager_batch(reader, chosen))
+    _assert_batches_equal(_collated(reader, chosen), _eager_batch(reader, chosen))
+
+
+def test_files_of_two_dtypes_give_float32_batches_on_the_device_too(tmp_path):
+    first = _mixed_file(tmp_path / "a.h5", dtype="float16", first_id=1, full=True)
+    second = _mixed_file(tmp_path / "b.h5", dtype="float32", first_id=100, full=True)
+    reader = _reader([tmp_path / "a.h5", tmp_path / "b.h5"], on_device=True)
+    chosen = first[:5] + second[:5]
+    assert reader.batch_dtype == torch.float32
+    _assert_batches_equal(_collated(reader, chosen), _eager_batch(reader, chosen))
+
+
+def test_float16_batches_halve_the_workers_slots(tmp_path):
+    _mixed_file(tmp_path / "f.h5", full=True)
+    reader = RegionFeatures(tmp_path / "f.h5")
+    float32_bytes = reader.batch_features_nbytes(50)
+    reader.convert_on_device = True
+    assert reader.batch_features_nbytes(50) * 2 == float32_bytes == 50 * 12 * 40 * 4
 
 
 @pytest.mark.parametrize(
@@ -184,15 +238,17 @@ def _xor_byte(path, offset: int) -> None:
         file.write(bytes([byte ^ 0x10]))
 
 
+@BATCH_DTYPES
+@pytest.mark.parametrize("full", [False, True], ids=["box counts vary", "every box real"])
 @pytest.mark.parametrize("name, position", [("features", 37), ("features", -1), ("boxes", 5), ("boxes", -3)])
-def test_a_damaged_chunk_fails_the_batch_with_the_readers_message(tmp_path, name, position):
-    ids = _mixed_file(tmp_path / "f.h5", dtype="float16")
+def test_a_damaged_chunk_fails_the_batch_with_the_readers_message(tmp_path, name, position, full, on_device):
+    ids = _mixed_file(tmp_path / "f.h5", dtype="float16", full=full)
     path = tmp_path / "f.h5"
     with h5py.File(path, "r") as f:
         size = f[name].id.get_chunk_info_by_coord((3, 0, 0)).size
     # A data byte, or a byte of the stored checksum (position < 0 counts from the chunk's end).
     _xor_byte(path, _chunk_offset(path, name, 3) + position % size)
-    reader = RegionFeatures(path)
+    reader = _reader(path, on_device)
     with pytest.raises(ValueError) as single:
         reader[ids[3]]
     with pytest.raises(ValueError) as batched:
@@ -200,7 +256,7 @@ def test_a_damaged_chunk_fails_the_batch_with_the_readers_message(tmp_path, name
     assert str(batched.value) == str(single.value)
     assert str(batched.value).startswith(f"{path}: dataset '{name}' fails its checksum for image {ids[3]}")
     # The other images still read, as they did.
-    _assert_batches_equal(reader.collate([ids[0], ids[5]]), _eager_batch(reader, [ids[0], ids[5]]))
+    _assert_batches_equal(_collated(reader, [ids[0], ids[5]]), _eager_batch(reader, [ids[0], ids[5]]))
 
 
 @pytest.mark.parametrize(
@@ -215,10 +271,11 @@ def test_a_damaged_chunk_fails_the_batch_with_the_readers_message(tmp_path, name
         ("boxes", (2, 1), [0, 0, 0, 0], "a padding box counted as real"),
     ],
 )
+@BATCH_DTYPES
 @pytest.mark.parametrize("full", [False, True], ids=["box counts vary", "every box real"])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_implausible_values_with_valid_checksums_fail_the_batch_like_a_read(
-    tmp_path, name, index, value, problem, dtype, full
+    tmp_path, name, index, value, problem, dtype, full, on_device
 ):
     if full and "beyond num_boxes" in problem:
         return  # every box is real: there is no padding box to overwrite
@@ -228,7 +285,7 @@ def test_implausible_values_with_valid_checksums_fail_the_batch_like_a_read(
         values = f[name][2]
         values[index[1:]] = value
         f[name][2] = values
-    reader = RegionFeatures(path)
+    reader = _reader(path, on_device)
     with pytest.raises(ValueError) as single:
         reader[ids[2]]
     with pytest.raises(ValueError) as batched:
@@ -238,15 +295,17 @@ def test_implausible_values_with_valid_checksums_fail_the_batch_like_a_read(
     assert str(batched.value) == str(single.value) and problem in str(batched.value)
 
 
-def test_a_wrong_fast_checksum_falls_back_to_hdf5s_check(tmp_path, monkeypatch):
+@BATCH_DTYPES
+@pytest.mark.parametrize("full", [False, True], ids=["box counts vary", "every box real"])
+def test_a_wrong_fast_checksum_falls_back_to_hdf5s_check(tmp_path, monkeypatch, full, on_device):
     """The fast check is never the last word: a mismatch re-reads the image through h5py, which reads it."""
-    ids = _mixed_file(tmp_path / "f.h5")
-    reader = RegionFeatures(tmp_path / "f.h5")
+    ids = _mixed_file(tmp_path / "f.h5", full=full)
+    reader = _reader(tmp_path / "f.h5", on_device)
     expected = _eager_batch(reader, ids)
     monkeypatch.setattr(
         chunk_reader, "checksum_matches", lambda computed, stored: np.zeros(len(stored), bool)
     )
-    _assert_batches_equal(reader.collate(ids), expected)
+    _assert_batches_equal(_collated(reader, ids), expected)
 
 
 def test_a_file_truncated_after_it_was_opened_is_refused(tmp_path):
@@ -297,10 +356,11 @@ class _Pending(torch.utils.data.Dataset):
         return self.features.pending(self.ids[index])
 
 
+@BATCH_DTYPES
 @pytest.mark.parametrize("loader_class", [torch.utils.data.DataLoader, SlotDataLoader])
-def test_loader_workers_read_the_same_batches(tmp_path, loader_class):
-    ids = _mixed_file(tmp_path / "f.h5")
-    reader = RegionFeatures(tmp_path / "f.h5")
+def test_loader_workers_read_the_same_batches(tmp_path, loader_class, on_device):
+    ids = _mixed_file(tmp_path / "f.h5", full=on_device)
+    reader = _reader(tmp_path / "f.h5", on_device)
     loader = loader_class(
         _Pending(reader, ids),
         batch_size=4,
@@ -310,7 +370,8 @@ def test_loader_workers_read_the_same_batches(tmp_path, loader_class):
     )
     for _ in range(2):
         for k, batch in enumerate(loader):
-            _assert_batches_equal(batch, _eager_batch(reader, ids[4 * k : 4 * k + 4]))
+            assert batch["image_features"].dtype == (torch.float16 if on_device else torch.float32)
+            _assert_batches_equal(reader.finish_batch(batch), _eager_batch(reader, ids[4 * k : 4 * k + 4]))
     if loader_class is SlotDataLoader:  # every batch's features were read into the workers' slots
         counts = loader._iterator.shared_batch_slots.counts
         assert counts[:, 0].sum() == 2 * len(loader) and counts[:, 1].sum() == 0

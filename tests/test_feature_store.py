@@ -41,7 +41,7 @@ def _batches(reader: RegionFeatures, image_ids: list[int], batch_size: int, work
     loader = DataLoader(
         _Images(reader, image_ids), batch_size=batch_size, collate_fn=collate_regions, num_workers=workers
     )
-    return [reader.gather_batch(batch) for batch in loader]
+    return [reader.finish_batch(batch) for batch in loader]
 
 
 def _assert_same_batches(expected: list[dict], actual: list[dict]) -> None:
@@ -98,7 +98,7 @@ def test_device_store_batches_carry_rows_not_features(tmp_path):
     batch = collate_regions([reader[114], reader[100]])
     assert "image_features" not in batch
     assert batch[FEATURES_INDEX_KEY].tolist() == [2, 0]
-    gathered = reader.gather_batch(batch)
+    gathered = reader.finish_batch(batch)
     assert FEATURES_INDEX_KEY not in gathered
     assert gathered["image_features"].shape == (2, 3, 8)
     # Image 100 has 2 boxes: its third row is padding, zero.
@@ -136,7 +136,7 @@ def test_a_worker_copy_cannot_gather(tmp_path):
     copy = pickle.loads(pickle.dumps(RegionFeatures(tmp_path / "f.h5", feature_store="device")))
     assert copy[107].store_row == 1  # items still work
     with pytest.raises(RuntimeError, match="gather batches in the main process"):
-        copy.gather_batch(collate_regions([copy[100]]))
+        copy.finish_batch(collate_regions([copy[100]]))
 
 
 def test_in_memory_is_the_host_store_and_conflicts_are_refused():
@@ -206,12 +206,13 @@ def test_the_trainer_gathers_device_batches_through_the_datamodule_hook(tiny_wor
     assert FEATURES_INDEX_KEY in raw and "image_features" not in raw
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
 def test_loaders_pin_their_batches_when_the_trainer_runs_on_cuda(tiny_world, device):
     """On a CUDA device a batch goes over by DMA, asynchronously, from page-locked memory; on the CPU pinning would
-    only copy it. (The loaders are built, not iterated: this machine may have no CUDA.)"""
+    only copy it. On any accelerator, float16 features cross in float16. (The loaders are built, not iterated:
+    this machine may have no CUDA.)"""
     datamodule = CaptioningDataModule(data_root=str(tiny_world.root.parent), synthetic=TINY_SPEC)
-    assert datamodule.pin_memory is False  # no Trainer yet
+    assert datamodule.pin_memory is False and datamodule.on_accelerator is False  # no Trainer yet
     datamodule.trainer = SimpleNamespace(
         strategy=SimpleNamespace(root_device=torch.device(device)),
         world_size=1,
@@ -221,3 +222,26 @@ def test_loaders_pin_their_batches_when_the_trainer_runs_on_cuda(tiny_world, dev
     datamodule.setup("fit")
     loaders = [datamodule.train_dataloader(), datamodule.val_dataloader(), datamodule.test_dataloader()]
     assert [loader.pin_memory for loader in loaders] == [device == "cuda"] * 3
+    assert datamodule.features.convert_on_device is (device != "cpu")
+    assert datamodule.features.batch_dtype == (torch.float32 if device == "cpu" else torch.float16)
+
+
+def test_on_an_accelerator_float16_batches_reach_the_model_as_float32(tiny_world, monkeypatch):
+    """What an accelerator's Trainer gets, the CPU standing in (``on_accelerator`` forced): the loaders' batches
+    hold the float16 world's features in float16, and the Trainer's transfer (``on_after_batch_transfer``) hands
+    the model float32 batches equal, bit for bit, to a CPU Trainer's."""
+
+    def datamodule() -> CaptioningDataModule:
+        return CaptioningDataModule(
+            data_root=str(tiny_world.root.parent), synthetic=TINY_SPEC, eval_batch_size=5
+        )
+
+    expected = _validation_batches(datamodule())
+    monkeypatch.setattr(CaptioningDataModule, "on_accelerator", property(lambda self: True))
+    accelerated = datamodule()
+    actual = _validation_batches(accelerated)
+    assert accelerated.features.convert_on_device
+    assert actual[0]["image_features"].dtype == torch.float32
+    _assert_same_batches(expected, actual)
+    raw = next(iter(accelerated.val_dataloader()))
+    assert raw["image_features"].dtype == torch.float16

@@ -1,7 +1,7 @@
 """Images/s of the training DataLoader, against two ceilings measured in the same run.
 
     python tools/benchmark_data.py --features FILE.h5 [--images 2000] [--batch-size 50] [--rounds 3]
-        [--workers 0 2 4] [--caches cold warm] [--stores disk host device]
+        [--workers 0 2 4] [--caches cold warm] [--stores disk host device] [--batch-dtypes float32 float16]
     python tools/benchmark_data.py          # on a temporary 36 x 2048 float16 file of --images images
 
 What is measured, per pass over ``--images`` images of the file (a random sample of its rows, in a shuffled
@@ -26,6 +26,10 @@ order, batches of ``--batch-size``):
   chunks, checksums verified by our own code, for files in the writer's layout); ``host`` and ``device``
   (``device`` = CPU here when CUDA is absent) load a copy of the sampled images once, so the page cache does not
   matter to them.
+- the loader again with float16 batches (rows "..., float16 batches", for float16 files): what the datamodules'
+  loaders give a Trainer on an accelerator (``RegionFeatures.convert_on_device``). The features stay in the file's
+  float16 until they are on the device, which converts them to float32; the handoff copy is then a float16 copy
+  into a pinned float16 tensor, half the bytes, and the conversion is not host work, so it is not timed here.
 
 Cache states (``disk`` and "h5py chunks"): ``cold`` evicts the file's pages before the pass with
 ``posix_fadvise(POSIX_FADV_DONTNEED)`` (no root needed; the report shows the file's cached bytes before and after
@@ -61,6 +65,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 from updown.data.batch_memory import PackedCollate, SlotDataLoader, features_tensor  # noqa: E402
 from updown.data.datasets import collate_regions  # noqa: E402
 from updown.data.readers import RegionFeatures  # noqa: E402
+from updown.types import FEATURES_INDEX_KEY  # noqa: E402
 from updown.data.writers import RegionFeaturesWriter  # noqa: E402
 
 
@@ -220,14 +225,17 @@ class LoaderCase:
         for _ in self.loader:  # starts the workers (kept), on images outside the measured sample
             pass
 
-    def run(self, staging: torch.Tensor) -> tuple[float, float]:
-        """Seconds for one pass over the measured rows, each batch's features copied into ``staging``, and the
-        seconds of those copies (the handoff to the accelerator) among them."""
+    def run(self, stagings: dict[torch.dtype, torch.Tensor]) -> tuple[float, float]:
+        """Seconds for one pass over the measured rows, each batch's features copied into the staging tensor of
+        their dtype, and the seconds of those copies (the handoff to the accelerator) among them."""
         self.sampler.order = self.rows
         copying = 0.0
         start = time.perf_counter()
         for batch in self.loader:
-            features = self.reader.gather_batch(batch)["image_features"]
+            if FEATURES_INDEX_KEY in batch:  # the device store gathers (the CPU standing in for the device)
+                batch = self.reader.finish_batch(batch)
+            features = batch["image_features"]
+            staging = stagings[features.dtype]
             copy_start = time.perf_counter()
             staging[: features.shape[0], : features.shape[1]].copy_(features)
             copying += time.perf_counter() - copy_start
@@ -281,6 +289,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--stores", nargs="+", choices=["disk", "host", "device"], default=["disk", "host", "device"]
     )
+    parser.add_argument(
+        "--batch-dtypes",
+        nargs="+",
+        choices=["float32", "float16"],
+        default=["float32", "float16"],
+        help="the loader's batches: float32 (a CPU Trainer) and float16 (an accelerator's, float16 files only)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     # One intra-op thread: the copies run where they are issued (a loader worker has one thread too).
@@ -317,7 +332,12 @@ def run(args, path: Path, folder: Path) -> int:
         dtype = f["features"].dtype
 
     pin = torch.cuda.is_available()
-    staging = torch.empty((args.batch_size, max_boxes, dim), dtype=torch.float32, pin_memory=pin)
+    # What a batch is copied into on its way to the accelerator, for float32 and for float16 batches.
+    stagings = {
+        batch_dtype: torch.empty((args.batch_size, max_boxes, dim), dtype=batch_dtype, pin_memory=pin)
+        for batch_dtype in (torch.float32, torch.float16)
+    }
+    staging = stagings[torch.float32]
     source = torch.from_numpy(
         np.random.default_rng(1).random((min(500, args.images), max_boxes, dim), np.float32)
     )
@@ -329,11 +349,16 @@ def run(args, path: Path, folder: Path) -> int:
         evict(path)
         eviction = f"page cache of the file: {before} bytes after a pass, {cached_bytes(path)} after eviction"
 
+    # Loader variants: (store, path label); float16 batches for float16 files, except from the device store,
+    # whose batches carry row numbers.
+    variants = [(store, store) for store in args.stores if "float32" in args.batch_dtypes]
+    if "float16" in args.batch_dtypes and dtype == np.float16:
+        variants += [(store, f"{store}, float16 batches") for store in args.stores if store != "device"]
     cases: dict[tuple[str, int], LoaderCase] = {}
     file_ids = disk.image_ids
-    for store in args.stores:
+    for store, name in variants:
         if store == "disk":
-            reader, order, startup = disk, rows, startup_rows
+            reader, order, startup = RegionFeatures(path), rows, startup_rows
         else:
             # The in-memory stores hold a copy of the sampled images (the whole file need not fit in memory).
             copy = folder / "sample.h5"
@@ -343,8 +368,10 @@ def run(args, path: Path, folder: Path) -> int:
             position = {image_id: i for i, image_id in enumerate(reader.image_ids)}
             order = [position[file_ids[r]] for r in rows]
             startup = [position[file_ids[r]] for r in startup_rows]
+        # As the datamodules set it on an accelerator's Trainer.
+        reader.convert_on_device = name.endswith("float16 batches")
         for workers in args.workers:
-            cases[store, workers] = LoaderCase(reader, workers, args.batch_size, startup, order)
+            cases[name, workers] = LoaderCase(reader, workers, args.batch_size, startup, order)
 
     passes = []  # (label, cache, function returning seconds)
     for cache in args.caches:
@@ -353,10 +380,11 @@ def run(args, path: Path, folder: Path) -> int:
         passes.append(
             (("h5py reads, checksum verified", cache, "-"), prepare, lambda: verified_pass(path, rows))
         )
-        for workers in args.workers:
-            if "disk" in args.stores:
-                case = cases["disk", workers]
-                passes.append((("disk", cache, workers), prepare, lambda c=case: c.run(staging)))
+        for store, name in variants:
+            if store == "disk":
+                for workers in args.workers:
+                    case = cases[name, workers]
+                    passes.append(((name, cache, workers), prepare, lambda c=case: c.run(stagings)))
     block = torch.from_numpy(np.random.default_rng(2).random((args.batch_size, max_boxes, dim), np.float32))
     for workers in [w for w in args.workers if w > 0]:
         for slots, name in (
@@ -368,11 +396,11 @@ def run(args, path: Path, folder: Path) -> int:
     passes.append(
         (("memcpy (ceiling)", "-", "-"), None, lambda: memcpy_pass(source, rows, staging, args.batch_size))
     )
-    for store in args.stores:
+    for store, name in variants:
         if store != "disk":
             for workers in args.workers:
-                case = cases[store, workers]
-                passes.append(((store, "in memory", workers), None, lambda c=case: c.run(staging)))
+                case = cases[name, workers]
+                passes.append(((name, "in memory", workers), None, lambda c=case: c.run(stagings)))
 
     rates: dict[tuple, list[float]] = defaultdict(list)
     handed: dict[tuple, list[float]] = defaultdict(list)  # loader rows: images/s with the handoff copy

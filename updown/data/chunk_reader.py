@@ -6,7 +6,9 @@ image at a time (``dataset[row]``), such a file gives about half of what its raw
 cache: HDF5's byte-at-a-time checksum and h5py's per-call overhead cost more than the read itself. This reader
 looks every chunk up once (``chunk_iter``), then for a batch ``pread``s each image's two chunks into a small
 staging buffer, verifies their checksums for a few images at once (:mod:`updown.data.fletcher32`) and converts
-the features into the batch while they are still in the CPU's cache.
+the features into the batch while they are still in the CPU's cache. A batch that keeps the file's dtype (float16
+batches, converted on the accelerator) takes the features chunks straight into its own rows, with no staging copy
+and no conversion.
 
 Files it cannot read this way (other chunk shapes, compression or other filters, big-endian data, an HDF5 without
 ``chunk_iter``) get ``None`` from :func:`chunk_layout` and are read through h5py as before. A chunk that is not
@@ -34,9 +36,10 @@ GROUP = 8
 _FLETCHER32 = h5py.h5z.FILTER_FLETCHER32
 
 
-def copy_to_float32(target: np.ndarray, source: np.ndarray) -> None:
-    """``target[...] = source`` for a contiguous float32 ``target``; float16 is converted by one torch copy, 30x
-    faster than numpy's (about 3 us against 100 us for one 36 x 2048 image; the read itself takes about 30 us)."""
+def copy_values(target: np.ndarray, source: np.ndarray) -> None:
+    """``target[...] = source`` for a contiguous float32 or float16 ``target``; float16 is converted to float32 by
+    one torch copy, 30x faster than numpy's (about 3 us against 100 us for one 36 x 2048 image; the read itself
+    takes about 30 us)."""
     if source.dtype not in (np.float16, np.float32):
         target[...] = source
         return
@@ -116,8 +119,12 @@ class ChunkReader:
             self._offsets, self._fd = (missing, missing), None
         self._pid = os.getpid()
         layout = self.layout
+        data_bytes = layout.feature_bytes - 4 * layout.checksummed
         self._scratch = {
-            "features": np.empty((GROUP, layout.feature_bytes), dtype=np.uint8),
+            # An image's features as the file stores them, its checksum apart (so that a batch in the file's
+            # dtype can take the data straight from the file), and its boxes chunk whole.
+            "features": np.empty((GROUP, data_bytes), dtype=np.uint8),
+            "trailers": np.empty((GROUP, 4), dtype=np.uint8),
             "boxes": np.empty((GROUP, layout.box_bytes), dtype=np.uint8),
         }
         if layout.checksummed:
@@ -155,8 +162,8 @@ class ChunkReader:
             rows: ``(b,)`` rows of this file.
             num_boxes: ``(b,)`` their box counts.
             slots: ``(b,)`` their rows in the batch.
-            features: ``(B, R, D)`` float32, R >= every count; ``features[slots[i]]`` gets image i's real boxes'
-                features and zeros after.
+            features: ``(B, R, D)`` float32, or the file's dtype (a batch converted on the accelerator), R >= every
+                count; ``features[slots[i]]`` gets image i's real boxes' features and zeros after.
             boxes: ``(B, R, 4)`` float32; ``boxes[slots[i]]`` gets image i's real boxes and zeros after.
 
         Returns:
@@ -171,32 +178,43 @@ class ChunkReader:
         padding = np.zeros(len(rows), dtype=bool)
         peaks = np.zeros(len(rows), dtype=np.float64)
         full = self.layout.max_boxes
+        # A batch in the file's dtype, as wide as the file's chunks, takes the features chunks as they are.
+        # (A contiguous batch only: a reshaped copy would take the reads instead of the batch.)
+        same_rows = (
+            features.dtype == self.layout.feature_dtype
+            and features.shape[1] == full
+            and features.flags.c_contiguous
+        )
         for start in range(0, len(rows), GROUP):
             stop = min(len(rows), start + GROUP)
-            bad[start:stop] = self._read_group(rows[start:stop])
-            group_slots = slots[start:stop]
-            if (
-                not bad[start:stop].any()
-                and (num_boxes[start:stop] == full).all()
-                and (np.diff(group_slots) == 1).all()
-            ):
-                # Every box of every image is real and the images sit side by side in the batch (COCO's 36
-                # boxes, one file): the whole group in a few calls.
-                first = int(group_slots[0])
-                peaks[start:stop] = self._convert_group(stop - start, features[first : first + stop - start],
-                                                        boxes[first : first + stop - start])  # fmt: skip
+            g, group_slots, first = stop - start, slots[start:stop], int(slots[start])
+            # Every box of every image is real and the images sit side by side in the batch (COCO's 36 boxes,
+            # one file): the whole group in a few calls.
+            whole = bool((num_boxes[start:stop] == full).all() and (np.diff(group_slots) == 1).all())
+            # shape: (g, feature data bytes); the batch's own rows when the chunks can be read straight into it
+            # (no staging copy), else the staging buffer.
+            direct = (
+                features[first : first + g].reshape(g, -1).view(np.uint8) if whole and same_rows else None
+            )
+            staged = self._scratch["features"][:g] if direct is None else direct
+            bad[start:stop] = self._read_group(rows[start:stop], staged)
+            if whole and not bad[start:stop].any():
+                peaks[start:stop] = self._convert_group(
+                    staged, features[first : first + g], boxes[first : first + g], copy=direct is None
+                )
                 continue
             for i in range(start, stop):
                 if bad[i]:
                     continue
-                n, slot = int(num_boxes[i]), int(slots[i])
-                padding[i] = self._convert(i - start, n, features[slot], boxes[slot])
-                peaks[i] = self._peaks(i - start, i - start + 1, n, features[slot : slot + 1, :n])[0]
+                k, n, slot = i - start, int(num_boxes[i]), int(slots[i])
+                padding[i] = self._convert(staged[k], k, n, features[slot], boxes[slot], copy=direct is None)
+                peaks[i] = self._peaks(staged[k : k + 1], n, features[slot : slot + 1, :n])[0]
         return bad, padding, peaks
 
-    def _peaks(self, first: int, stop: int, n: int, converted: np.ndarray) -> np.ndarray:
-        """The largest magnitude among the ``n`` real features of each of staged images ``first:stop``
-        (``converted``: those features in float32, ``(stop - first, n, D)``), ``(stop - first,)`` float64.
+    def _peaks(self, staged: np.ndarray, n: int, converted: np.ndarray) -> np.ndarray:
+        """The largest magnitude among the ``n`` real features of each image of ``staged`` (``(g, bytes)``
+        uint8, the features as the file stores them; ``converted``: the same features in the batch,
+        ``(g, n, D)``), ``(g,)`` float64.
 
         Bottom-up features are rectified, so their sign bits are clear, and then the largest value's bit pattern
         is the largest unsigned integer among the patterns: one integer max over the file's bytes, at a fraction
@@ -204,7 +222,7 @@ class ChunkReader:
         sign bit set) the float reductions decide.
         """
         dtype = self.layout.feature_dtype
-        data = self._scratch["features"][first:stop, : n * self.layout.feature_size * dtype.itemsize]
+        data = staged[:, : n * self.layout.feature_size * dtype.itemsize]
         largest = data.view(f"<u{dtype.itemsize}").max(axis=1)
         infinity = 0x7C00 if dtype.itemsize == 2 else 0x7F800000
         peaks = largest.view(dtype).astype(np.float64)
@@ -213,18 +231,22 @@ class ChunkReader:
             peaks[k] = max(high, -low) if not (np.isnan(high) or np.isnan(low)) else float("nan")
         return peaks
 
-    def _convert_group(self, g: int, features: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """The first ``g`` staged images, every box real, into ``features (g, max_boxes, D)`` float32 and
-        ``boxes (g, max_boxes, 4)``; returns their :meth:`_peaks`."""
+    def _convert_group(
+        self, staged: np.ndarray, features: np.ndarray, boxes: np.ndarray, copy: bool
+    ) -> np.ndarray:
+        """The ``g`` images of ``staged`` (``(g, bytes)``), every box real, into ``features (g, max_boxes, D)``
+        (unless they were read straight into it: ``copy`` False) and ``boxes (g, max_boxes, 4)``; returns their
+        :meth:`_peaks`."""
         layout = self.layout
-        data_bytes = layout.feature_bytes - 4 * layout.checksummed
-        staged = self._scratch["features"][:g, :data_bytes].view(layout.feature_dtype)
-        torch.from_numpy(features).view(g, -1).copy_(torch.from_numpy(staged))
+        g = staged.shape[0]
+        if copy:
+            torch.from_numpy(features).view(g, -1).copy_(torch.from_numpy(staged.view(layout.feature_dtype)))
         boxes[...] = self._scratch["boxes"][:g, : layout.max_boxes * 16].view("<f4").reshape(boxes.shape)
-        return self._peaks(0, g, layout.max_boxes, features)
+        return self._peaks(staged, layout.max_boxes, features)
 
-    def _read_group(self, rows: np.ndarray) -> np.ndarray:
-        """``pread`` the chunks of up to GROUP rows into the staging buffers and verify them; ``(g,)`` bad."""
+    def _read_group(self, rows: np.ndarray, staged: np.ndarray) -> np.ndarray:
+        """``pread`` the chunks of up to GROUP rows, the features' data into ``staged`` ``(g, bytes)`` uint8 and
+        the rest into the scratch buffers, and verify them; ``(g,)`` bad."""
         scratch = self._scratch
         feature_offsets, box_offsets = self._offsets
         layout = self.layout
@@ -235,33 +257,38 @@ class ChunkReader:
             if at < 0 or box_at < 0 or self._fd is None:
                 bad[k] = True
                 continue
-            feature_chunk, box_chunk = scratch["features"][k], scratch["boxes"][k]
+            feature_chunk = [staged[k], scratch["trailers"][k]] if layout.checksummed else [staged[k]]
+            box_chunk = scratch["boxes"][k]
             # The writer puts an image's boxes chunk right after its features chunk: one call reads both.
             if box_at == at + layout.feature_bytes:
-                got = os.preadv(self._fd, [feature_chunk, box_chunk], at)
+                got = os.preadv(self._fd, [*feature_chunk, box_chunk], at)
             else:
-                got = os.preadv(self._fd, [feature_chunk], at) + os.preadv(self._fd, [box_chunk], box_at)
+                got = os.preadv(self._fd, feature_chunk, at) + os.preadv(self._fd, [box_chunk], box_at)
             bad[k] = got != layout.feature_bytes + layout.box_bytes  # a file truncated after it was opened
         if layout.checksummed:
             # Both chunks of every image, finished and compared in one go.
-            features, boxes = scratch["features"][:g], scratch["boxes"][:g]
-            feature_sums = scratch["feature_checksum"].sums(features[:, :-4])
+            boxes = scratch["boxes"][:g]
+            feature_sums = scratch["feature_checksum"].sums(staged)
             box_sums = scratch["box_checksum"].sums(boxes[:, :-4])
             computed = checksums(
                 np.concatenate([feature_sums[0], box_sums[0]]),
                 np.concatenate([feature_sums[1], box_sums[1]]),
                 scratch["words"][: 2 * g] if g == GROUP else np.repeat(scratch["words"][[0, GROUP]], g),
             )
-            stored = np.concatenate([stored_checksums(features), stored_checksums(boxes)])
+            stored = np.concatenate([stored_checksums(scratch["trailers"][:g]), stored_checksums(boxes)])
             bad |= ~checksum_matches(computed, stored).reshape(2, g).all(axis=0)
         return bad
 
-    def _convert(self, k: int, n: int, features: np.ndarray, boxes: np.ndarray) -> bool:
-        """Staged image ``k`` into one batch row: its ``n`` real feature rows converted to float32 and its ``n``
+    def _convert(
+        self, staged: np.ndarray, k: int, n: int, features: np.ndarray, boxes: np.ndarray, copy: bool
+    ) -> bool:
+        """Image ``k`` of the group into one batch row: its ``n`` real feature rows from ``staged`` (``(bytes,)``,
+        as the file stores them; already in the row when ``copy`` is False) in the row's dtype, and its ``n``
         boxes, zeros after both. Returns whether a box beyond the ``n`` real ones is non-zero."""
         layout = self.layout
-        data = self._scratch["features"][k, : n * layout.feature_size * layout.feature_dtype.itemsize]
-        copy_to_float32(features[:n], data.view(layout.feature_dtype).reshape(n, -1))
+        if copy:
+            data = staged[: n * layout.feature_size * layout.feature_dtype.itemsize]
+            copy_values(features[:n], data.view(layout.feature_dtype).reshape(n, -1))
         features[n:] = 0
         staged_boxes = self._scratch["boxes"][k, : layout.max_boxes * 16].view("<f4").reshape(-1, 4)
         boxes[:n] = staged_boxes[:n]

@@ -34,7 +34,7 @@ def collate_regions(regions: Sequence[RegionFeature | PendingRegions]) -> Region
         ``image_spatial (B, R, 5)``. Regions of the ``device`` feature store (``features`` None) give
         ``image_features_index (B,)`` int64, their rows in the store, instead of ``image_features``: the
         features are gathered once the batch is on its device
-        (:meth:`~updown.data.readers.RegionFeatures.gather_batch`).
+        (:meth:`~updown.data.readers.RegionFeatures.finish_batch`).
     """
     if isinstance(regions[0], PendingRegions):
         return regions[0].reader.collate([r.image_id for r in regions])

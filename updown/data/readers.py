@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from updown.data.batch_memory import BatchBuffers, batch_tensor
-from updown.data.chunk_reader import ChunkReader, chunk_layout, copy_to_float32
+from updown.data.chunk_reader import ChunkReader, chunk_layout, copy_values
 from updown.data.feature_store import DeviceFeatureStore, resolve_feature_store
 from updown.types import FEATURES_INDEX_KEY, RegionBatch
 
@@ -76,11 +76,11 @@ class PendingRegions:
 
 
 def as_float32(values: np.ndarray) -> np.ndarray:
-    """``values`` as float32 (float16 converted by torch's vectorised copy, :func:`copy_to_float32`)."""
+    """``values`` as float32 (float16 converted by torch's vectorised copy, :func:`copy_values`)."""
     if values.dtype == np.float32:
         return values
     out = np.empty(values.shape, dtype=np.float32)
-    copy_to_float32(out, values)
+    copy_values(out, values)
     return out
 
 
@@ -425,7 +425,9 @@ class _FeatureFile:
         for name, (kinds, text) in expected.items():
             dtype = h5[name].dtype
             base = h5py.check_vlen_dtype(dtype) if self.layout == "varlen" else None
-            dtype = base if base is not None else dtype
+            dtype = np.dtype(base if base is not None else dtype)
+            if name == "features":
+                self.feature_dtype = dtype
             if dtype.kind not in kinds:
                 why = (
                     ": region features are floating point, integer features were quantised or written by "
@@ -668,7 +670,8 @@ class _FeatureFile:
 
         Args:
             rows, slots: ``(b,)`` rows of this file, and their rows in the batch.
-            features: ``(B, R, D)`` float32 (None with the device store): real boxes' features, zeros after.
+            features: ``(B, R, D)`` float32, or float16 from a float16 file (None with the device store): real
+                boxes' features, zeros after.
             boxes: ``(B, R, 4)`` float32: real boxes, zeros after.
         """
         if self._chunks is not None:
@@ -687,7 +690,7 @@ class _FeatureFile:
             # Checked when loaded: straight from memory into the batch.
             for row, slot in zip(rows.tolist(), slots.tolist()):
                 n = int(self.num_boxes[row])
-                copy_to_float32(features[slot, :n], self.features[row, :n])
+                copy_values(features[slot, :n], self.features[row, :n])
                 features[slot, n:] = 0
                 boxes[slot, :n] = self.boxes[row, :n]
                 boxes[slot, n:] = 0
@@ -764,11 +767,18 @@ class RegionFeatures:
         feature_store: where the features live (:mod:`updown.data.feature_store`): ``disk`` (read per item, the
             default), ``host`` (all loaded into memory when built, in the file's dtype: N x max_boxes x D x 2
             bytes for float16) or ``device`` (all loaded onto ``device``; items then carry ``store_row`` instead
-            of features, and :meth:`gather_batch` fills the batch on the device). Loaded images are checked once.
+            of features, and :meth:`finish_batch` fills the batch on the device). Loaded images are checked once.
         in_memory: the older name of ``feature_store="host"``.
         check_finite: check every image once when built (NaN / inf and all the per-read checks), so that a bad
             image fails at once instead of when first read.
         device: where the ``device`` store lives (default ``"cpu"``, which stands in for an accelerator).
+
+    Attributes:
+        convert_on_device: False (the default): batches carry float32 features. True (what the datamodules set
+            when the Trainer runs on an accelerator): batches of float16 files carry their features in float16,
+            and :meth:`finish_batch` converts them to float32 once they are on the device. The model sees the
+            same values (float16 converts to float32 exactly), and the host reads, checks, moves between
+            processes and copies to the device half the bytes, with no conversion.
 
     Raises:
         FileNotFoundError: a file does not exist.
@@ -816,6 +826,8 @@ class RegionFeatures:
             for name in ("num_boxes", "image_w", "image_h")
         }
         self._buffers = BatchBuffers()
+        # Float16 files: batches keep float16 until they reach the accelerator (see convert_on_device).
+        self.convert_on_device = False
         self.store: DeviceFeatureStore | None = None
         if self.feature_store == "device":
             self.store = DeviceFeatureStore(
@@ -845,12 +857,16 @@ class RegionFeatures:
 
     def _feature_dtype(self) -> np.dtype:
         """The files' feature dtype (float32 when they differ, which holds float16 exactly)."""
-        dtypes = set()
-        for f in self.files:
-            with h5py.File(f.h5path, "r") as h5:
-                dtype = h5["features"].dtype
-                dtypes.add(np.dtype(h5py.check_vlen_dtype(dtype) or dtype))
+        dtypes = {f.feature_dtype for f in self.files}
         return dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
+
+    @property
+    def batch_dtype(self) -> torch.dtype:
+        """The dtype of ``image_features`` in the batches :meth:`collate` makes: float32, or float16 when
+        :attr:`convert_on_device` is set and every file stores float16 (:meth:`finish_batch` converts them)."""
+        if self.convert_on_device and self._feature_dtype() == np.float16:
+            return torch.float16
+        return torch.float32
 
     @property
     def image_ids(self) -> list[int]:
@@ -911,10 +927,12 @@ class RegionFeatures:
         return RegionFeature(int(image_id), features, boxes, spatial_features(boxes, w, h), w, h, store_row)
 
     def batch_features_nbytes(self, batch_size: int) -> int:
-        """Bytes of the largest ``image_features`` of a batch of ``batch_size`` images (float32, every image at
-        the most boxes); 0 with the ``device`` store, whose batches carry row indices instead. What a
+        """Bytes of the largest ``image_features`` of a batch of ``batch_size`` images (:attr:`batch_dtype`, every
+        image at the most boxes); 0 with the ``device`` store, whose batches carry row indices instead. What a
         :class:`~updown.data.batch_memory.SlotDataLoader` sizes its workers' slots by."""
-        return 0 if self.store is not None else batch_size * self.max_boxes * self.feature_size * 4
+        if self.store is not None:
+            return 0
+        return batch_size * self.max_boxes * self.feature_size * self.batch_dtype.itemsize
 
     def pending(self, image_id: int) -> PendingRegions:
         """The image's regions, read when its batch is collated (what datasets return; see :meth:`collate`)."""
@@ -924,11 +942,11 @@ class RegionFeatures:
         """Read a batch of images, each checked as ``reader[image_id]`` checks it, padded to its largest box count.
 
         Files in our own layout are read from their raw chunks in one pass (:mod:`updown.data.chunk_reader`);
-        the batch equals, bit for bit, the collated ``reader[image_id]`` items.
+        the batch equals, bit for bit, the collated ``reader[image_id]`` items (after :meth:`finish_batch`).
 
         Returns:
-            ``image_id (B,)``, ``image_features (B, R, D)`` float32 (with the ``device`` store
-            ``image_features_index (B,)`` instead, gathered on the device by :meth:`gather_batch`),
+            ``image_id (B,)``, ``image_features (B, R, D)`` :attr:`batch_dtype` (with the ``device`` store
+            ``image_features_index (B,)`` instead, gathered on the device by :meth:`finish_batch`),
             ``image_features_mask (B, R)`` (True for a real box), ``image_boxes (B, R, 4)`` and
             ``image_spatial (B, R, 5)`` (:func:`spatial_features`); in a DataLoader worker, in shared memory.
 
@@ -957,7 +975,7 @@ class RegionFeatures:
         if self.store is not None:
             batch[FEATURES_INDEX_KEY] = torch.from_numpy(global_rows.astype(np.int64))
         else:
-            features = self._buffers.empty((batch_size, width, self.feature_size), torch.float32)
+            features = self._buffers.empty((batch_size, width, self.feature_size), self.batch_dtype)
             batch["image_features"] = features
         for k in np.unique(file_index).tolist():
             slots = np.flatnonzero(file_index == k)
@@ -969,10 +987,17 @@ class RegionFeatures:
         )
         return batch
 
-    def gather_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Fill ``image_features`` of a batch collated from ``device``-store items (on its device: the
-        datamodule calls this in ``on_after_batch_transfer``); other batches are returned as they are."""
-        return batch if self.store is None else self.store.gather_batch(batch)
+    def finish_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A collated batch as models take it, once it is on its device (the datamodule calls this in
+        ``on_after_batch_transfer``): ``device``-store batches get their ``image_features`` gathered there, and
+        float16 features (:attr:`convert_on_device`) become float32, exactly; a batch without image features
+        is returned as it is."""
+        if self.store is not None:
+            batch = self.store.gather_batch(batch)
+        features = batch.get("image_features")
+        if features is not None and features.dtype == torch.float16:
+            batch["image_features"] = features.float()
+        return batch
 
     def extra(self, image_id: int, name: str) -> np.ndarray:
         """An optional per-box dataset (e.g. ``region_category``) of one image, ``(num_boxes,)``."""

@@ -92,9 +92,18 @@ class ResumableTrainingOrder:
         batch to the device with ``non_blocking=True`` as an asynchronous DMA, and the host copy into page-locked
         memory runs in the DataLoader's pinning thread instead of in the training loop (from pageable memory the
         CUDA driver makes that copy itself, synchronously)."""
+        return self._trainer_device_type() == "cuda"
+
+    @property
+    def on_accelerator(self) -> bool:
+        """Whether the Trainer runs on an accelerator (any device but the CPU); False without a Trainer."""
+        return self._trainer_device_type() not in (None, "cpu")
+
+    def _trainer_device_type(self) -> str | None:
+        """``"cuda"``, ``"cpu"``, ``"mps"``, ... of the attached Trainer's root device; None without a Trainer."""
         trainer = getattr(self, "trainer", None)
         device = getattr(getattr(trainer, "strategy", None), "root_device", None)
-        return getattr(device, "type", None) == "cuda"
+        return getattr(device, "type", None)
 
     def shuffled_train_loader(self, dataset: Dataset) -> DataLoader:
         """:meth:`resumable_train_loader` with the datamodule's ``batch_size``, ``num_workers`` and
