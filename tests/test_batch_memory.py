@@ -88,6 +88,9 @@ def test_worker_batches_equal_in_process_batches():
         )
         assert a["names"] == b["names"]
         np.testing.assert_array_equal(b["features"].numpy(), a["features"].numpy())
+        # The small tensors came through the worker's pipe as bytes, not as shared memory whose descriptor
+        # the main process would fetch over a connection to the worker.
+        assert not b["index"].is_shared() and not b["mask"].is_shared()
 
 
 # ------------------------------------------------------------------------------------- workers' shared slots

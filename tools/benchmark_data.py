@@ -65,8 +65,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 from updown.data.batch_memory import PackedCollate, SlotDataLoader, features_tensor  # noqa: E402
 from updown.data.datasets import collate_regions  # noqa: E402
 from updown.data.readers import RegionFeatures  # noqa: E402
-from updown.types import FEATURES_INDEX_KEY  # noqa: E402
 from updown.data.writers import RegionFeaturesWriter  # noqa: E402
+from updown.types import FEATURES_INDEX_KEY  # noqa: E402
 
 
 class _ImageRows(Dataset):

@@ -1,7 +1,7 @@
 """Where batch tensors live: in shared memory when a DataLoader worker makes them (:func:`batch_tensor`), in reused
 buffers when the main process does (:class:`BatchBuffers`), in reused shared slots for the features a worker
-collates (:class:`SharedBatchSlots`, :class:`SlotDataLoader`), and packed into one block for the trip from a
-worker (:class:`PackedCollate`)."""
+collates (:class:`SharedBatchSlots`, :class:`SlotDataLoader`), and the small ones packed into one block of bytes
+for the trip from a worker (:class:`PackedCollate`)."""
 
 from __future__ import annotations
 
@@ -308,17 +308,20 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-# Tensors of at least this many bytes cross from a worker on their own (features: megabytes); the smaller ones
-# (ids, masks, boxes, tokens, targets) are packed into one block.
+# Tensors of at least this many bytes cross from a worker on their own, in shared memory (features, in slots:
+# megabytes); the smaller ones (ids, masks, boxes, tokens) are packed into one block of bytes in the pickle.
 _OWN_BLOCK = 1 << 20
 _ALIGN = 64
 
 
 class PackedCollate:
-    """A collate function whose batches cross from DataLoader workers to the main process as few blocks of shared
-    memory: each shared tensor costs a file descriptor passed over a socket and a mapping (about 0.6 ms on a small
-    VM), so a captioning batch of 8 tensors paid ~5 ms in transfer alone, 2-3x its reading. Batches made in the
-    main process are returned as they are.
+    """A collate function whose batches cross from DataLoader workers to the main process with as little shared
+    memory as possible: the features in the worker's shared slots (:class:`SharedBatchSlots`), the small tensors
+    as one block of bytes in the batch's pickle, through the worker's pipe. Each piece of new shared memory costs a
+    file, a mapping, and a descriptor the main process fetches over a connection to the worker, authenticated
+    each time: 1-2.5 ms a batch on a small VM even for one block, and ~0.6 ms per tensor when each crossed
+    alone (a captioning batch of 8 tensors paid ~5 ms, 2-3x its reading). Only tensors of 1 MB or more outside
+    the slots still cross as shared memory. Batches made in the main process are returned as they are.
 
     Args:
         collate: the dataset's collate function (returns a dict).
@@ -367,19 +370,23 @@ class _PackedBatch(dict):
             tensor = self[key]
             layout.append((key, tensor.dtype, tuple(tensor.shape), offset))
             offset += -(-tensor.nbytes // _ALIGN) * _ALIGN
-        # Straight in shared memory: pickling a tensor elsewhere would copy it there.
-        block = _shared_empty((offset,), torch.uint8)
-        for key, _, _, start in layout:
-            data = self[key].contiguous().view(-1).view(torch.uint8)
-            block[start : start + data.numel()] = data
+        # Plain bytes in the pickle, through the worker's pipe: new shared memory would cross as a descriptor,
+        # which the main process fetches over an authenticated connection to the worker (~1-2 ms a batch).
+        block = bytearray(offset)
+        if offset:
+            memory = torch.frombuffer(block, dtype=torch.uint8)
+            for key, _, _, start in layout:
+                data = self[key].contiguous().view(-1).view(torch.uint8)
+                memory[start : start + data.numel()] = data
         rest = {key: value for key, value in self.items() if key not in set(small)}
         rest.update(in_slots)
         return _unpack, (list(self), block, layout, rest)
 
 
-def _unpack(order: list, block: torch.Tensor, layout: list, rest: dict) -> dict:
+def _unpack(order: list, block: bytearray, layout: list, rest: dict) -> dict:
     """The batch dict again, its small tensors views of ``block``, keys in their original order."""
     values = {key: value.tensor() if isinstance(value, _SlotRef) else value for key, value in rest.items()}
+    block = torch.frombuffer(block, dtype=torch.uint8) if block else torch.empty(0, dtype=torch.uint8)
     for key, dtype, shape, start in layout:
         nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         values[key] = block[start : start + nbytes].view(dtype).view(shape)
