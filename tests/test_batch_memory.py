@@ -15,7 +15,7 @@ from updown.data.batch_memory import (
     PackedCollate,
     SlotDataLoader,
     _PackedBatch,
-    features_tensor,
+    slot_tensor,
 )
 
 
@@ -100,7 +100,7 @@ _ROW = 70_000  # floats per item: a batch of 6 is 1.7 MB
 
 class _Numbered(Dataset):
     """Items 0 .. n-1, with the ``features`` a SlotDataLoader sizes its slots by; its collate fills a features
-    tensor (features_tensor, as the reader's collate does) with numbers that tell batches apart."""
+    tensor (slot_tensor, as the reader's collate does) with numbers that tell batches apart."""
 
     def __init__(self, n: int, fail_at: int | None = None) -> None:
         self.n, self.fail_at, self.features = n, fail_at, self
@@ -115,7 +115,7 @@ class _Numbered(Dataset):
         return index
 
     def collate(self, items: list[int]) -> dict:
-        features = features_tensor((len(items), _ROW), torch.float32)
+        features = slot_tensor((len(items), _ROW), torch.float32)
         if self.fail_at in items:
             raise ValueError(f"item {self.fail_at} is broken")
         features.copy_(

@@ -11,6 +11,7 @@ import torch
 from conftest import REALDATA, TINY_SPEC
 from torch.utils.data import DataLoader
 
+from updown.data.batch_memory import PackedCollate, SlotDataLoader
 from updown.data.readers import RegionFeatures
 from updown.data.synthetic import SyntheticWorld
 from updown.data.vocabulary import AnswerVocabulary, Vocabulary
@@ -90,6 +91,41 @@ def test_dataloader_with_two_workers_sees_every_question_once(tiny_world):
     # Every sparse target reached the dense batches built in the workers.
     expected = sum(s for q in dataset.questions for s in q.answer_scores.values())
     assert expected > 0.5 * len(seen) and total == pytest.approx(expected, rel=1e-6)
+
+
+def _assert_same_batch(actual: dict, expected: dict) -> None:
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert actual[key].dtype == value.dtype and torch.equal(actual[key], value), key
+        else:
+            assert actual[key] == value, key
+
+
+def test_worker_batches_keep_features_and_answer_scores_in_their_slot_and_equal_in_process_ones(tiny_world):
+    """Both large tensors of a VQA batch (features, dense answer scores) are written into the batch's shared slot
+    in a worker, and reused buffers in one process: the batches equal fresh ones, epoch after epoch (a reused
+    buffer that kept an earlier batch's targets would show)."""
+    dataset = _dataset(tiny_world, "val")
+    order = list(range(len(dataset)))[::-1]
+    batches = [order[k : k + 16] for k in range(0, len(order), 16)]
+    fresh = [_dataset(tiny_world, "val").collate([dataset[i] for i in batch]) for batch in batches]
+    for _ in range(2):  # in one process, the second pass reuses the first pass's buffers
+        for indices, expected in zip(batches, fresh):
+            _assert_same_batch(dataset.collate([dataset[i] for i in indices]), expected)
+    loader = SlotDataLoader(
+        dataset,
+        batch_size=16,
+        sampler=order,
+        num_workers=2,
+        collate_fn=PackedCollate(dataset.collate),
+        persistent_workers=True,
+    )
+    for _ in range(2):
+        for batch, expected in zip(loader, fresh, strict=True):
+            _assert_same_batch(batch, expected)
+    counts = loader._iterator.shared_batch_slots.counts
+    assert counts[:, 0].sum() == 2 * 2 * len(batches) and counts[:, 1].sum() == 0
 
 
 def test_wrong_answer_vocabulary_is_refused(tiny_world):

@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
-from updown.data.batch_memory import PackedCollate, SlotDataLoader, features_tensor  # noqa: E402
+from updown.data.batch_memory import PackedCollate, SlotDataLoader, slot_tensor  # noqa: E402
 from updown.data.datasets import collate_regions  # noqa: E402
 from updown.data.readers import RegionFeatures  # noqa: E402
 from updown.data.writers import RegionFeaturesWriter  # noqa: E402
@@ -157,7 +157,7 @@ class _FilledBatches:
         self.block = block
 
     def __call__(self, items: list[int]) -> dict[str, torch.Tensor]:
-        features = features_tensor((len(items), *self.block.shape[1:]), torch.float32)
+        features = slot_tensor((len(items), *self.block.shape[1:]), torch.float32)
         features.copy_(self.block[: len(items)])
         return {"image_features": features}
 

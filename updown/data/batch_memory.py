@@ -53,9 +53,9 @@ class BatchBuffers:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor of ``shape`` (the caller writes every element); in a DataLoader worker, a
-        :func:`features_tensor`."""
+        :func:`slot_tensor`."""
         if get_worker_info() is not None:
-            return features_tensor(shape, dtype)
+            return slot_tensor(shape, dtype)
         numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         size = math.prod(shape)
         free = self.free()
@@ -82,10 +82,10 @@ class BatchBuffers:
         return {"keep": self.keep, "_buffers": []}
 
 
-def features_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor for a batch's features (the caller writes every element and returns the tensor in
-    its batch): in a worker of a :class:`SlotDataLoader`, a free slot of its :class:`SharedBatchSlots` when one
-    is free and large enough, otherwise a :func:`batch_tensor`."""
+def slot_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for one of a batch's large tensors (its features, VQA's answer scores; the caller
+    writes every element and returns the tensor in its batch): in a worker of a :class:`SlotDataLoader`, in the
+    batch's slot of its :class:`SharedBatchSlots` when there is room, otherwise a :func:`batch_tensor`."""
     slots = _worker_slots
     if slots is not None:
         tensor = slots.take(shape, dtype)
@@ -102,7 +102,8 @@ _slots_by_token: weakref.WeakValueDictionary[str, SharedBatchSlots] = weakref.We
 
 class SharedBatchSlots:
     """Shared memory, made by the main process before its DataLoader workers start, that the workers write their
-    batches' features into, slot after slot, reused once the main process has let go of a batch.
+    batches' large tensors into (the features, and e.g. VQA's answer scores), a slot per batch, reused once the
+    main process has let go of the batch.
 
     Without it every batch from a worker is new shared memory: a file made, mapped and faulted in page by page in
     the worker, its descriptor passed over a socket, then mapped and faulted in again in the main process, and
@@ -111,26 +112,27 @@ class SharedBatchSlots:
     crosses as a few numbers (:class:`_SlotRef`).
 
     Ownership: worker ``w`` owns slots ``w * per_worker ... (w + 1) * per_worker - 1``. A shared flag per slot
-    says it is free; the worker clears it when it takes the slot, the main process sets it again when no tensor
-    of the batch it handed out is alive (checked each time a batch arrives). A worker that finds none of its
-    slots free, or needs more than a slot, makes a :func:`batch_tensor` as before, so a slot is never written
-    while a batch uses it.
+    says it is free; the worker clears it when it takes the slot for a batch (its first :meth:`take` of the
+    batch; the batch's later tensors go after the first in the same slot), the main process sets it again when
+    no tensor of the batch it handed out is alive (checked each time a batch arrives). A worker that finds none
+    of its slots free, or no room left in the batch's slot, makes a :func:`batch_tensor` as before, so a slot is
+    never written while a batch uses it.
 
     Args:
         num_workers: the DataLoader's workers.
         per_worker: slots per worker; the DataLoader's ``prefetch_factor`` plus the batches the main process
             holds at once (the one trained on, the one prefetched).
-        slot_bytes: bytes of a slot: the largest features tensor of a batch.
+        slot_bytes: bytes of a slot: a batch's large tensors at their largest (:func:`slot_nbytes`).
     """
 
     def __init__(self, num_workers: int, per_worker: int, slot_bytes: int) -> None:
         self.token = uuid.uuid4().hex
         self.num_workers, self.per_worker = num_workers, per_worker
-        self.slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN
+        self.slot_bytes = _aligned(slot_bytes)
         # Made in shared memory without being written: pages are faulted in by the first batch that uses them.
         self.memory = _shared_empty((num_workers * per_worker * self.slot_bytes,), torch.uint8)
         self.free = _shared_empty((num_workers * per_worker,), torch.uint8).fill_(1)
-        # Per worker: batches whose features went to a slot, and those that went to new shared memory.
+        # Per worker: tensors written into a slot, and those that went to new shared memory.
         self.counts = _shared_empty((num_workers, 2), torch.int64).zero_()
         self._register()
 
@@ -138,16 +140,22 @@ class SharedBatchSlots:
         self._owners: list[_SlotMemory] | None = None
         self._handed_out: set[int] = set()
         self._lock = threading.Lock()
+        # In a worker: the slot taken for the batch being collated (a list: empty before its first tensor) and
+        # the bytes of it used so far.
         self._taken: list[int] = []
+        self._used = 0
         _slots_by_token[self.token] = self
 
     @classmethod
     def for_loader(cls, loader: DataLoader) -> SharedBatchSlots | None:
-        """Slots for ``loader``'s workers, sized by its dataset's ``features.batch_features_nbytes(batch_size)``
-        (:class:`~updown.data.readers.RegionFeatures`); None when the loader has no workers, no fixed batch size,
-        or a dataset without region features in its batches."""
-        features = getattr(loader.dataset, "features", None)
-        nbytes = getattr(features, "batch_features_nbytes", None)
+        """Slots for ``loader``'s workers, sized by its dataset's ``batch_slot_nbytes(batch_size)`` when it has
+        one (the large tensors of its batches, :func:`slot_nbytes`), else by its
+        ``features.batch_features_nbytes(batch_size)`` (:class:`~updown.data.readers.RegionFeatures`); None when
+        the loader has no workers, no fixed batch size, or a dataset without region features in its batches."""
+        nbytes = getattr(loader.dataset, "batch_slot_nbytes", None)
+        if nbytes is None:
+            features = getattr(loader.dataset, "features", None)
+            nbytes = getattr(features, "batch_features_nbytes", None)
         if loader.num_workers == 0 or loader.batch_size is None or nbytes is None:
             return None
         slot_bytes = nbytes(loader.batch_size)
@@ -158,44 +166,55 @@ class SharedBatchSlots:
     # -- in a worker
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        """A tensor of ``shape`` in a free slot of this worker, None when it needs more than a slot or none is
-        free (counted in :attr:`counts` either way)."""
+        """A tensor of ``shape`` in this worker's slot for the current batch (the first call of a batch takes a
+        free slot, later ones the room after the tensors before), None when there is no room or no free slot
+        (counted in :attr:`counts` either way)."""
         worker = get_worker_info().id
         nbytes = math.prod(shape) * _itemsize(dtype)
-        first = worker * self.per_worker
-        flags = self.free.numpy()[first : first + self.per_worker]
-        free = flags.argmax()  # the first free slot, if any
         counts = self.counts.numpy()[worker]
-        if nbytes > self.slot_bytes or not flags[free]:
+        if self._taken:
+            slot, used = self._taken[-1], self._used
+        else:
+            first = worker * self.per_worker
+            flags = self.free.numpy()[first : first + self.per_worker]
+            free = int(flags.argmax())  # the first free slot, if any
+            slot, used = (first + free, 0) if flags[free] else (None, 0)
+        if slot is None or used + nbytes > self.slot_bytes:
             counts[1] += 1
             return None
+        if not self._taken:
+            self.free.numpy()[slot] = 0
+            self._taken.append(slot)
         counts[0] += 1
-        flags[free] = 0
-        slot = first + int(free)
-        self._taken.append(slot)
-        start = slot * self.slot_bytes
+        self._used = used + _aligned(nbytes)
+        start = slot * self.slot_bytes + used
         return self.memory[start : start + nbytes].view(dtype).view(shape)
 
-    def slot_of(self, tensor: torch.Tensor) -> int | None:
-        """The slot ``tensor`` was taken from (:meth:`take`), None if it lives elsewhere."""
-        if tensor.device.type != "cpu" or tensor.untyped_storage().data_ptr() != self.memory.data_ptr():
+    def slot_of(self, tensor: torch.Tensor) -> tuple[int, int] | None:
+        """The slot ``tensor`` was taken from (:meth:`take`) and its byte offset there, None if it lives
+        elsewhere."""
+        if (
+            tensor.device.type != "cpu"
+            or tensor.untyped_storage().data_ptr() != self.memory.data_ptr()
+            or not tensor.is_contiguous()  # a slot reference rebuilds a contiguous tensor from its bytes
+        ):
             return None
-        return (tensor.data_ptr() - self.memory.data_ptr()) // self.slot_bytes
+        return divmod(tensor.data_ptr() - self.memory.data_ptr(), self.slot_bytes)
 
     def begin_batch(self) -> None:
         """A worker starts collating a batch (see :meth:`give_back`)."""
-        self._taken = []
+        self._taken, self._used = [], 0
 
     def give_back(self) -> None:
-        """Free the slots taken for a batch that failed to collate, which the main process will never see."""
+        """Free the slot taken for a batch that failed to collate, which the main process will never see."""
         self.free.numpy()[self._taken] = 1
-        self._taken = []
+        self._taken, self._used = [], 0
 
     # -- in the main process
 
-    def hand_out(self, slot: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """The tensor a worker wrote into ``slot``, for the main process, first freeing the slots of the batches
-        that are gone."""
+    def hand_out(self, slot: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """The tensor a worker wrote into ``slot`` at byte ``offset``, for the main process, first freeing the
+        slots of the batches that are gone."""
         nbytes = math.prod(shape) * _itemsize(dtype)
         numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         # Under the lock up to the tensor's creation, so that no other thread's release sees the slot unused.
@@ -203,7 +222,7 @@ class SharedBatchSlots:
             owners = self._slot_owners()
             self._release_unused(owners)
             self._handed_out.add(slot)
-            array = np.asarray(owners[slot])[:nbytes].view(numpy_dtype).reshape(shape)
+            array = np.asarray(owners[slot])[offset : offset + nbytes].view(numpy_dtype).reshape(shape)
             return torch.from_numpy(array)
 
     def release_unused(self) -> None:
@@ -256,8 +275,10 @@ class _SlotMemory:
 class _SlotRef:
     """A batch tensor that stays in its worker's slot on the way to the main process."""
 
-    def __init__(self, token: str, slot: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-        self.token, self.slot, self.dtype, self.shape = token, slot, dtype, shape
+    def __init__(
+        self, token: str, slot: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> None:
+        self.token, self.slot, self.offset, self.dtype, self.shape = token, slot, offset, dtype, shape
 
     def tensor(self) -> torch.Tensor:
         slots = _slots_by_token.get(self.token)
@@ -265,7 +286,7 @@ class _SlotRef:
             raise RuntimeError(
                 "a batch arrived from a DataLoader worker whose loader's shared slots are gone"
             )
-        return slots.hand_out(self.slot, self.dtype, self.shape)
+        return slots.hand_out(self.slot, self.offset, self.dtype, self.shape)
 
 
 class _InstallSlots:
@@ -306,6 +327,16 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def slot_nbytes(*tensor_nbytes: int) -> int:
+    """The slot size for a batch whose large tensors have (at most) these sizes in bytes: what a dataset's
+    ``batch_slot_nbytes(batch_size)`` returns (each tensor starts on a 64-byte boundary)."""
+    return sum(_aligned(n) for n in tensor_nbytes)
 
 
 # Tensors of at least this many bytes cross from a worker on their own, in shared memory (features, in slots:
@@ -354,9 +385,9 @@ class _PackedBatch(dict):
         in_slots = {}
         if _worker_slots is not None:
             for key, value in self.items():
-                slot = _worker_slots.slot_of(value) if isinstance(value, torch.Tensor) else None
-                if slot is not None:
-                    in_slots[key] = _SlotRef(_worker_slots.token, slot, value.dtype, tuple(value.shape))
+                place = _worker_slots.slot_of(value) if isinstance(value, torch.Tensor) else None
+                if place is not None:
+                    in_slots[key] = _SlotRef(_worker_slots.token, *place, value.dtype, tuple(value.shape))
         small = [
             key
             for key, value in self.items()
@@ -369,7 +400,7 @@ class _PackedBatch(dict):
         for key in small:
             tensor = self[key]
             layout.append((key, tensor.dtype, tuple(tensor.shape), offset))
-            offset += -(-tensor.nbytes // _ALIGN) * _ALIGN
+            offset += _aligned(tensor.nbytes)
         # Plain bytes in the pickle, through the worker's pipe: new shared memory would cross as a descriptor,
         # which the main process fetches over an authenticated connection to the worker (~1-2 ms a batch).
         block = bytearray(offset)

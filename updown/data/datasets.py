@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from updown.data.batch_memory import batch_tensor, features_tensor
+from updown.data.batch_memory import batch_tensor, slot_tensor
 from updown.data.caption_preparation import ImageCaptions
 from updown.data.readers import PendingRegions, RegionFeature, RegionFeatures
 from updown.data.vocabulary import Vocabulary
@@ -52,7 +52,7 @@ def collate_regions(regions: Sequence[RegionFeature | PendingRegions]) -> Region
         batch[FEATURES_INDEX_KEY] = torch.tensor([r.store_row for r in regions], dtype=torch.long)
     else:
         # shape: (B, R, D)
-        features = features_tensor((batch_size, max_boxes, regions[0].features.shape[1]), torch.float32)
+        features = slot_tensor((batch_size, max_boxes, regions[0].features.shape[1]), torch.float32)
         # numpy copies in this thread (a torch copy this size would go to the intra-op pool). Every element is
         # written once: the real rows copied, the padding zeroed (zeroing it all first doubles the writes).
         features_np = features.numpy()
