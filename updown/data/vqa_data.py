@@ -11,6 +11,7 @@ import fcntl
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -18,6 +19,7 @@ from updown.config import PositiveInt
 from updown.data.base import DataSpec, RegionDataModule
 from updown.data.batch_memory import BatchBuffers, slot_nbytes
 from updown.data.datasets import collate_regions, pad_sequences
+from updown.data.pickled_list import PickledList
 from updown.data.readers import PendingRegions, RegionFeatures
 from updown.data.synthetic import SPLITS, SyntheticWorld
 from updown.data.vocabulary import AnswerVocabulary, Vocabulary
@@ -53,8 +55,13 @@ class VQADataset(Dataset):
                     f"vocabulary ({num_answers} classes). Use the answer_vocabulary.json prepared with the questions."
                 )
         self.features = features
-        self.questions = list(questions)
-        self.tokens = [question_vocabulary.encode(q.tokens, add_bos_eos=False) for q in self.questions]
+        # Each question with its token indices, pickled into one byte array that forked workers share without
+        # copying it (pickled_list.py: a list of objects would grow every worker by 721 MB over a VQA v2 epoch).
+        self._items = PickledList(
+            (question, question_vocabulary.encode(question.tokens, add_bos_eos=False))
+            for question in questions
+        )
+        self.question_ids = np.array([question.question_id for question in questions], dtype=np.int64)
         self.num_answers = num_answers
         self.pad_index = question_vocabulary.pad_index
         # The dense answer scores of a batch (512 x 3,129 float32 for VQA v2: 6.4 MB) are memory reused batch
@@ -67,11 +74,16 @@ class VQADataset(Dataset):
         return slot_nbytes(self.features.batch_features_nbytes(batch_size), batch_size * self.num_answers * 4)
 
     def __len__(self) -> int:
-        return len(self.questions)
+        return len(self._items)
+
+    @property
+    def questions(self) -> list[VQAQuestion]:
+        """Every question, unpickled (new objects each call: for the main process, not for per-item use)."""
+        return [question for question, _ in self._items]
 
     def __getitem__(self, index: int) -> tuple[PendingRegions, VQAQuestion, list[int]]:
-        question = self.questions[index]
-        return self.features.pending(question.image_id), question, self.tokens[index]
+        question, tokens = self._items[index]
+        return self.features.pending(question.image_id), question, tokens
 
     def collate(self, items) -> VQABatch:
         """Batch questions into a :class:`~updown.types.VQABatch`.
@@ -215,16 +227,18 @@ class VQADataModule(RegionDataModule):
         return VQADataset(self.features, questions, self.question_vocabulary, self.answer_vocabulary)
 
     def build_train_dataset(self, splits: list[str]) -> VQADataset:
-        """The questions of all ``splits`` as one dataset."""
-        questions = [question for split in splits for question in self.dataset(split).questions]
+        """The questions of all ``splits`` as one dataset (one split: that split's dataset itself)."""
+        if len(splits) == 1:
+            return self.dataset(splits[0])
         seen: dict[int, str] = {}
         for split in splits:
-            for question in self.dataset(split).questions:
-                if question.question_id in seen:
+            for question_id in self.dataset(split).question_ids.tolist():
+                if question_id in seen:
                     raise ValueError(
-                        f"{self.prepared_dir}: question {question.question_id} is in the training splits "
-                        f"{seen[question.question_id]!r} and {split!r}; it would be trained on twice. Give each split "
+                        f"{self.prepared_dir}: question {question_id} is in the training splits "
+                        f"{seen[question_id]!r} and {split!r}; it would be trained on twice. Give each split "
                         "once in train_splits, and prepare splits whose questions do not overlap."
                     )
-                seen[question.question_id] = split
+                seen[question_id] = split
+        questions = [question for split in splits for question in self.dataset(split).questions]
         return VQADataset(self.features, questions, self.question_vocabulary, self.answer_vocabulary)
