@@ -208,6 +208,10 @@ def test_training_batches_pair_each_image_with_one_of_its_captions(datamodule, t
     assert len(dataset) == 5 * len(images) == 5 * TINY_SPEC.num_train
     batch = next(iter(datamodule.train_dataloader()))
     vocabulary = datamodule.vocabulary
+    # Item by item, every image's captions in order (the dataset keeps them as flat arrays).
+    items = [dataset[i] for i in range(len(dataset))]
+    expected = [(i.image_id, vocabulary.encode(t)) for i in images.values() for t in i.tokens[:5]]
+    assert [(regions.image_id, caption) for regions, caption in items] == expected
     for row, image_id in enumerate(batch["image_id"].tolist()):
         length = int(batch["caption_lengths"][row])
         tokens = batch["caption_tokens"][row, :length].tolist()
