@@ -184,9 +184,11 @@ def test_float16_batches_halve_the_workers_slots(tmp_path):
     "how",
     ["no checksum", "other chunks", "compressed", "contiguous"],
 )
-def test_files_in_other_layouts_read_the_same(tmp_path, how):
+@BATCH_DTYPES
+@pytest.mark.parametrize("full", [False, True], ids=["box counts vary", "every box real"])
+def test_files_in_other_layouts_read_the_same(tmp_path, how, full, on_device):
     """Without checksums the chunks are read raw too; other layouts fall back to h5py, with the same batch."""
-    ids = _mixed_file(tmp_path / "ours.h5")
+    ids = _mixed_file(tmp_path / "ours.h5", full=full)
     with h5py.File(tmp_path / "ours.h5", "r") as source, h5py.File(tmp_path / "f.h5", "w") as target:
         for name, dataset in source.items():
             options = {}
@@ -199,10 +201,10 @@ def test_files_in_other_layouts_read_the_same(tmp_path, how):
                 }[how]
             target.create_dataset(name, data=dataset[()], **options)
         target.attrs.update(source.attrs)
-    reader = RegionFeatures(tmp_path / "f.h5")
+    reader = _reader(tmp_path / "f.h5", on_device)
     assert (reader.files[0]._chunks is not None) == (how == "no checksum")
     _assert_batches_equal(
-        reader.collate(ids[::-1]), _eager_batch(RegionFeatures(tmp_path / "ours.h5"), ids[::-1])
+        _collated(reader, ids[::-1]), _eager_batch(RegionFeatures(tmp_path / "ours.h5"), ids[::-1])
     )
 
 

@@ -3,7 +3,7 @@
 A worker forked from the main process shares its memory page by page until a page is written, and reading a
 Python object writes its reference count. So a dataset that holds a list of objects (VQA v2's 443,757 training
 questions: 1.1 GB of dataclasses, lists and dicts) is copied, page by page, into every worker as the epoch visits
-it: a forked process that looked every question up once grew by 721 MB of private memory. Pickled into one
+it: a forked process that fetched every question once grew by 739 MiB of private memory. Pickled into one
 byte array, the same items are read without writing a byte of the shared pages (about 180 MB for VQA v2, shared
 by every worker), at the cost of unpickling an item when it is fetched (a few microseconds).
 """

@@ -56,7 +56,7 @@ class VQADataset(Dataset):
                 )
         self.features = features
         # Each question with its token indices, pickled into one byte array that forked workers share without
-        # copying it (pickled_list.py: a list of objects would grow every worker by 721 MB over a VQA v2 epoch).
+        # copying it (pickled_list.py: a list of objects grew a worker by ~740 MB over a VQA v2 epoch).
         self._items = PickledList(
             (question, question_vocabulary.encode(question.tokens, add_bos_eos=False))
             for question in questions
