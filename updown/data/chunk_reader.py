@@ -252,19 +252,21 @@ class ChunkReader:
         layout = self.layout
         g = len(rows)
         bad = np.zeros(g, dtype=bool)
-        for k, row in enumerate(rows.tolist()):
-            at, box_at = int(feature_offsets[row]), int(box_offsets[row])
-            if at < 0 or box_at < 0 or self._fd is None:
+        fd, feature_bytes, expected = self._fd, layout.feature_bytes, layout.feature_bytes + layout.box_bytes
+        # Python ints and row views made once per group: this loop runs for every image.
+        places = zip(feature_offsets[rows].tolist(), box_offsets[rows].tolist())
+        rows_of = zip(staged, scratch["trailers"], scratch["boxes"])
+        for k, ((at, box_at), (data, trailer, box_chunk)) in enumerate(zip(places, rows_of)):
+            if at < 0 or box_at < 0 or fd is None:
                 bad[k] = True
                 continue
-            feature_chunk = [staged[k], scratch["trailers"][k]] if layout.checksummed else [staged[k]]
-            box_chunk = scratch["boxes"][k]
+            feature_chunk = [data, trailer] if layout.checksummed else [data]
             # The writer puts an image's boxes chunk right after its features chunk: one call reads both.
-            if box_at == at + layout.feature_bytes:
-                got = os.preadv(self._fd, [*feature_chunk, box_chunk], at)
+            if box_at == at + feature_bytes:
+                got = os.preadv(fd, [*feature_chunk, box_chunk], at)
             else:
-                got = os.preadv(self._fd, feature_chunk, at) + os.preadv(self._fd, [box_chunk], box_at)
-            bad[k] = got != layout.feature_bytes + layout.box_bytes  # a file truncated after it was opened
+                got = os.preadv(fd, feature_chunk, at) + os.preadv(fd, [box_chunk], box_at)
+            bad[k] = got != expected  # a file truncated after it was opened
         if layout.checksummed:
             # Both chunks of every image, finished and compared in one go.
             boxes = scratch["boxes"][:g]
