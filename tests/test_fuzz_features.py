@@ -443,13 +443,17 @@ def _small_feature_file(path: Path) -> None:
 
 def _reader_result(path: Path, mode: dict) -> Any:
     """Everything a RegionFeatures gives, as plain values (or raises ValueError). Mode ``{"batch": True}``
-    reads every image in one batch (``reader.collate``, what the datasets' loaders do), the others one by one."""
+    reads every image in one batch (``reader.collate``, what the datasets' loaders do), with ``"on_device"`` as
+    an accelerator's loaders do (a float16 file's features stay float16 until ``finish_batch``); the others one
+    by one."""
     mode = dict(mode)
     batched = mode.pop("batch", False)
+    on_device = mode.pop("on_device", False)
     reader = RegionFeatures(path, **mode)
+    reader.convert_on_device = on_device
     ids = reader.image_ids
     if batched:
-        batch = reader.collate(ids)
+        batch = reader.finish_batch(reader.collate(ids))
         assert batch["image_features"].dtype == torch.float32
     images = []
     for i, image_id in enumerate(ids):
@@ -476,7 +480,13 @@ def _reader_result(path: Path, mode: dict) -> Any:
     return reader.feature_size, reader.grid_shape, reader.region_category_names, images
 
 
-READER_MODES = ({}, {"in_memory": True}, {"check_finite": True}, {"batch": True})
+READER_MODES = (
+    {},
+    {"in_memory": True},
+    {"check_finite": True},
+    {"batch": True},
+    {"batch": True, "on_device": True},
+)
 
 
 @pytest.fixture(scope="module")
