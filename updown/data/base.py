@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from updown.config import NonNegativeInt, PositiveInt, check_arguments
-from updown.data.batch_memory import PackedCollate, SlotDataLoader
+from updown.data.batch_memory import SlotDataLoader
 from updown.data.feature_store import FeatureStoreKind, resolve_feature_store
 from updown.data.readers import RegionFeatures
 from updown.data.samplers import ResumableTrainingOrder
@@ -259,10 +259,7 @@ class RegionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
             dataset,
             batch_size=batch_size or self.eval_batch_size,
             shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=PackedCollate(dataset.collate),
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
+            **self.loader_arguments(dataset),
         )
 
     def train_dataloader(self) -> DataLoader:

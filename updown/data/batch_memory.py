@@ -419,6 +419,6 @@ def _unpack(order: list, block: bytearray, layout: list, rest: dict) -> dict:
     values = {key: value.tensor() if isinstance(value, _SlotRef) else value for key, value in rest.items()}
     block = torch.frombuffer(block, dtype=torch.uint8) if block else torch.empty(0, dtype=torch.uint8)
     for key, dtype, shape, start in layout:
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        nbytes = math.prod(shape) * _itemsize(dtype)
         values[key] = block[start : start + nbytes].view(dtype).view(shape)
     return {key: values[key] for key in order}

@@ -105,17 +105,20 @@ class ResumableTrainingOrder:
         device = getattr(getattr(trainer, "strategy", None), "root_device", None)
         return getattr(device, "type", None)
 
+    def loader_arguments(self, dataset: Dataset) -> dict[str, Any]:
+        """What every loader of the datamodule shares: its ``num_workers`` (kept alive between epochs),
+        :attr:`pin_memory`, and the dataset's ``collate`` packed for the trip from a worker."""
+        return {
+            "num_workers": self.num_workers,
+            "collate_fn": PackedCollate(dataset.collate),
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": self.pin_memory,
+        }
+
     def shuffled_train_loader(self, dataset: Dataset) -> DataLoader:
-        """:meth:`resumable_train_loader` with the datamodule's ``batch_size``, ``num_workers`` and
-        :attr:`pin_memory` and the dataset's ``collate``: every datamodule's ``train_dataloader``."""
-        return self.resumable_train_loader(
-            dataset,
-            self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=PackedCollate(dataset.collate),
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
-        )
+        """:meth:`resumable_train_loader` with the datamodule's ``batch_size`` and :meth:`loader_arguments`:
+        every datamodule's ``train_dataloader``."""
+        return self.resumable_train_loader(dataset, self.batch_size, **self.loader_arguments(dataset))
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"shuffle_seed": self._shuffle_seed}
