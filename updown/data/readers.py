@@ -297,10 +297,18 @@ def _flag_padded_rows(
         peak = np.maximum(features.max(axis=2), -features.min(axis=2)).astype(np.float64)
         bad_features = (~(peak <= MAX_FEATURE_MAGNITUDE) & real).any(axis=1)
         all_zero = ~((peak != 0) & real).any(axis=1)
-    problems = box_problems(boxes, image_w[:, None], image_h[:, None])
-    bad_boxes = (np.logical_or.reduce(list(problems.values())) & real).any(axis=1)
     padding = ((boxes != 0).any(axis=2) & ~real).any(axis=1)
-    return bad_features | all_zero | bad_boxes | padding
+    return bad_features | all_zero | _flag_bad_boxes(boxes, num_boxes, image_w, image_h) | padding
+
+
+def _flag_bad_boxes(
+    boxes: np.ndarray, num_boxes: np.ndarray, image_w: np.ndarray, image_h: np.ndarray
+) -> np.ndarray:
+    """Which images of ``boxes (B, R, 4)`` have a real box (among their ``num_boxes (B,)``) that
+    :func:`box_problems` refuses; ``(B,)`` bool."""
+    real = np.arange(boxes.shape[1])[None, :] < num_boxes[:, None]
+    problems = box_problems(boxes, image_w[:, None], image_h[:, None])
+    return (np.logical_or.reduce(list(problems.values())) & real).any(axis=1)
 
 
 class _FeatureFile:
@@ -681,10 +689,7 @@ class _FeatureFile:
             # image is read again through h5py, whose read raises the reader's message for it (or, if the fast
             # check was wrong, reads it).
             implausible = ~(peaks <= MAX_FEATURE_MAGNITUDE) | (peaks == 0)
-            batch_boxes = boxes[slots]
-            real = np.arange(batch_boxes.shape[1])[None, :] < counts[:, None]
-            problems = box_problems(batch_boxes, self.image_w[rows][:, None], self.image_h[rows][:, None])
-            bad_boxes = (np.logical_or.reduce(list(problems.values())) & real).any(axis=1)
+            bad_boxes = _flag_bad_boxes(boxes[slots], counts, self.image_w[rows], self.image_h[rows])
             flagged = np.flatnonzero(bad | padding | implausible | bad_boxes)
         elif self.store == "host" and self.layout == "padded":
             # Checked when loaded: straight from memory into the batch.
