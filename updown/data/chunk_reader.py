@@ -129,7 +129,7 @@ class ChunkReader:
         }
         if layout.checksummed:
             features, boxes = (
-                Fletcher32(layout.feature_bytes - 4, GROUP),
+                Fletcher32(data_bytes, GROUP),
                 Fletcher32(layout.box_bytes - 4, GROUP),
             )
             self._scratch.update(
