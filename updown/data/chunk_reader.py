@@ -128,10 +128,7 @@ class ChunkReader:
             "boxes": np.empty((GROUP, layout.box_bytes), dtype=np.uint8),
         }
         if layout.checksummed:
-            features, boxes = (
-                Fletcher32(data_bytes, GROUP),
-                Fletcher32(layout.box_bytes - 4, GROUP),
-            )
+            features, boxes = Fletcher32(data_bytes), Fletcher32(layout.box_bytes - 4)
             self._scratch.update(
                 feature_checksum=features,
                 box_checksum=boxes,
@@ -271,7 +268,7 @@ class ChunkReader:
             # Both chunks of every image, finished and compared in one go.
             boxes = scratch["boxes"][:g]
             feature_sums = scratch["feature_checksum"].sums(staged)
-            box_sums = scratch["box_checksum"].sums(boxes[:, :-4])
+            box_sums = scratch["box_checksum"].sums(boxes)  # the chunk's data: all but its last 4 bytes
             computed = checksums(
                 np.concatenate([feature_sums[0], box_sums[0]]),
                 np.concatenate([feature_sums[1], box_sums[1]]),
