@@ -45,6 +45,27 @@ def test_fletcher32_reads_only_its_bytes_of_wider_or_strided_rows():
         assert Fletcher32(nbytes)(rows).tolist() == [reference_fletcher32(bytes(row[:nbytes])) for row in rows]
 
 
+def test_fletcher32_compiles_without_a_writable_cache(monkeypatch):
+    import numba
+
+    from updown.data import fletcher32
+
+    njit = numba.njit
+
+    def njit_without_cache_directory(**options):
+        if options.get("cache"):  # what numba raises when no cache directory is writable
+            raise RuntimeError("cannot cache function '_word_sums': no locator available for file")
+        return njit(**options)
+
+    monkeypatch.setattr(numba, "njit", njit_without_cache_directory)
+    fletcher32._compiled_word_sums.cache_clear()
+    try:
+        data = np.arange(40, dtype=np.uint8).reshape(2, 20)
+        assert Fletcher32(20)(data).tolist() == [reference_fletcher32(bytes(row)) for row in data]
+    finally:
+        fletcher32._compiled_word_sums.cache_clear()
+
+
 def test_fletcher32_equals_the_checksums_hdf5_stored(tmp_path):
     rng = np.random.default_rng(0)
     with h5py.File(tmp_path / "f.h5", "w") as f:

@@ -73,7 +73,11 @@ def _compiled_word_sums():
     ``nogil``: a DataLoader's pinning thread runs meanwhile."""
     import numba
 
-    return numba.njit(nogil=True, fastmath=True, cache=True, boundscheck=False)(_word_sums)
+    try:
+        return numba.njit(nogil=True, fastmath=True, cache=True, boundscheck=False)(_word_sums)
+    except RuntimeError:
+        # No writable cache directory (a read-only install, no writable home): compiled in every process instead.
+        return numba.njit(nogil=True, fastmath=True, boundscheck=False)(_word_sums)
 
 
 class Fletcher32:
