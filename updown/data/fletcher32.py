@@ -54,6 +54,8 @@ def _word_sums(words: np.ndarray, count: int, total: np.ndarray, weighted: np.nd
         chunk_total = 0
         chunk_weighted = 0
         for start in range(0, count, _BLOCK):
+            # A slice per block: indexing row[start + j] instead kept LLVM from vectorising the loop (29 us per
+            # COCO image instead of 5).
             block = row[start : min(count, start + _BLOCK)]
             block_total = 0.0
             block_weighted = 0.0
