@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 import torch
 
-from updown.data.fletcher32 import Fletcher32, checksum_matches, checksums, stored_checksums
+from updown.data.fletcher32 import Fletcher32, checksum_matches, checksums, load_kernel, stored_checksums
 
 # Images verified and converted together: their chunks (8 x 147 KB for COCO's 36 x 2048 float16) stay in the
 # CPU's cache between the read, the checksum and the conversion into the batch.
@@ -104,6 +104,8 @@ class ChunkReader:
         self._fd: int | None = None
         self._pid: int | None = None
         self._scratch: dict[str, Any] | None = None
+        if layout.checksummed:
+            load_kernel()
 
     def _open(self) -> None:
         """This process's descriptor and scratch memory, and (once) every chunk's byte offset."""

@@ -82,6 +82,13 @@ def _compiled_word_sums():
         return numba.njit(nogil=True, fastmath=True, boundscheck=False)(_word_sums)
 
 
+def load_kernel() -> None:
+    """Compile (or load from numba's cache) the checksum kernel in this process now. A reader calls it when it is
+    built, so that DataLoader workers forked later share the kernel, numba and LLVM with the main process instead
+    of each loading them on its first batch (about 100 MB of private memory per worker)."""
+    Fletcher32(2)(np.zeros((1, 2), dtype=np.uint8))
+
+
 class Fletcher32:
     """HDF5's Fletcher-32 of chunks of ``nbytes`` data bytes each, several at a time.
 
