@@ -42,7 +42,9 @@ def test_fletcher32_reads_only_its_bytes_of_wider_or_strided_rows():
     rng = np.random.default_rng(1)
     wide = rng.integers(0, 256, size=(5, 1000), dtype=np.uint8)
     for nbytes, rows in ((998, wide), (997, wide), (998, wide[:, 1:]), (996, wide[::2, 3:])):
-        assert Fletcher32(nbytes)(rows).tolist() == [reference_fletcher32(bytes(row[:nbytes])) for row in rows]
+        assert Fletcher32(nbytes)(rows).tolist() == [
+            reference_fletcher32(bytes(row[:nbytes])) for row in rows
+        ]
 
 
 def test_fletcher32_compiles_without_a_writable_cache(monkeypatch):
