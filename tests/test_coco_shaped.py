@@ -201,6 +201,43 @@ def test_projection_of_an_scst_epochs_recipe():
     assert result["recipe_seconds_high"] == pytest.approx(2000 * 3.0 + 21 * 50.0)
 
 
+def test_projection_without_validation_is_training_only():
+    # --val-batches 0 (a machine without Java cannot score captions): no validation batch, no scoring.
+    timer = _timer([0.0, 10.0, 12.0, 14.0], [], [])
+    settings = {"trainer": {"max_steps": 60_000, "max_epochs": -1}}
+    result = time_recipe.project(settings, timer, train_batches=5665, val_batches=50, scst=False)
+    assert not result["validation_timed"]
+    assert result["epoch_seconds_low"] == result["epoch_seconds_high"] == pytest.approx(5665 * 2.0)
+    assert result["recipe_seconds_high"] == pytest.approx(60_000 * 2.0)
+    row = time_recipe.markdown_row(["configs/captioning/updown_xe.yaml"], result)
+    assert "| 2.000 | 5,665 | not timed (training only) | 3.1 h |" in row
+    assert time_recipe.build_parser().parse_args(["--config", "a.yaml", "--val-batches", "0"]).val_batches == 0
+
+
+@pytest.mark.slow  # generates a 600-image world and times 5 training steps: about 40 s
+def test_gpu_scale_check_dry_runs_on_the_cpu(tmp_path):
+    """tools/gpu_scale_check.sh, the one script a GPU session runs, end to end at a small size on the CPU, so
+    that device time is never spent finding a mistake in it. Without pycocoevalcap or Java it times training only."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    environment = dict(os.environ, ACCELERATOR="cpu", IMAGES="600", EPOCH_STEPS="4", WARMUP="1", VAL_BATCHES="1",
+                       LOADER_WORKERS="2", WORKERS="1", PYTHON=sys.executable, OUT=str(tmp_path / "out"))  # fmt: skip
+    done = subprocess.run(
+        ["bash", "tools/gpu_scale_check.sh", str(tmp_path / "work")],
+        cwd=root, env=environment, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    timings = (tmp_path / "out" / "timings.txt").read_text()
+    for stage in ("generate world (600 images)", "prepare_captions", "XE epoch (time_recipe)"):
+        assert f"{stage}: " in timings and "(exit 0)" in timings.split(f"{stage}: ")[1].splitlines()[0]
+    result = json.loads((tmp_path / "out" / "xe_epoch.json").read_text())
+    assert result["device"] == "cpu" and result["measured_steps"] == 4 and result["seconds_per_step"] > 0
+
+
 def test_recipe_settings_compose_configs(tmp_path):
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     first.write_text(

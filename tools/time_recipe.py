@@ -136,7 +136,8 @@ def project(settings: dict, timer: StepTimer, train_batches: int, val_batches: i
     # The SCST task's pass over the validation set in on_train_start calls validation_step directly, so the
     # timer sees only the end-of-epoch validation; that pass is counted as one more validation below.
     val_times = timer.val_batch_seconds
-    val_batch = sum(val_times) / len(val_times) if val_times else float("nan")
+    # No validation timed (--val-batches 0): the projections are training time only, and say so.
+    val_batch = sum(val_times) / len(val_times) if val_times else 0.0
     timed_val_batches = max(len(val_times), 1)
     # Scoring (the official toolkit's tokenizer and METEOR start Java processes) has a large fixed part: its time
     # for the timed batches is a lower bound for the whole split, and scaled linearly to it an upper bound.
@@ -157,6 +158,7 @@ def project(settings: dict, timer: StepTimer, train_batches: int, val_batches: i
         "train_batches_per_epoch": train_batches,
         "val_batches": val_batches,
         "seconds_per_val_batch": val_batch,
+        "validation_timed": bool(val_times),
         "scoring_seconds_measured": scoring_measured,
         "epochs": epochs,
         "validations": validations,
@@ -179,10 +181,15 @@ def span(low: float, high: float) -> str:
 
 def markdown_row(configs: list[str], result: dict) -> str:
     """A markdown table (header and one row) of a result of :func:`project`."""
+    validation = (
+        f"{result['seconds_per_val_batch']:.2f} x {result['val_batches']}"
+        if result["validation_timed"]
+        else "not timed (training only)"
+    )
     return (
         "| recipe | s/step | steps/epoch | val s/batch x batches | epoch | recipe |\n|---|---:|---:|---:|---:|---:|\n"
         f"| {' + '.join(Path(c).name for c in configs)} | {result['seconds_per_step']:.3f} | "
-        f"{result['train_batches_per_epoch']:,} | {result['seconds_per_val_batch']:.2f} x {result['val_batches']} | "
+        f"{result['train_batches_per_epoch']:,} | {validation} | "
         f"{span(result['epoch_seconds_low'], result['epoch_seconds_high'])} | "
         f"{span(result['recipe_seconds_low'], result['recipe_seconds_high'])} ({result['epochs']:.1f} epochs) |"
     )
@@ -202,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=argparse_type(PositiveInt), default=10, help="timed training steps")
     parser.add_argument("--warmup", type=argparse_type(NonNegativeInt), default=2, help="untimed steps first")
     parser.add_argument(
-        "--val-batches", type=argparse_type(PositiveInt), default=2, help="timed validation batches"
+        "--val-batches",
+        type=argparse_type(NonNegativeInt),
+        default=2,
+        help="timed validation batches; 0: no validation (epoch and recipe times are then training only)",
     )
     parser.add_argument("--init-weights", help="XE checkpoint an SCST recipe starts from")
     parser.add_argument(
