@@ -32,7 +32,7 @@ EPOCH_STEPS=${EPOCH_STEPS:-100000}   # more than an epoch has: Lightning stops a
 VAL_BATCHES=${VAL_BATCHES:-5}
 GEN_LIMIT=${GEN_LIMIT:-240}
 EPOCH_LIMIT=${EPOCH_LIMIT:-300}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 mkdir -p "$WORK" "$RESULTS"
 TIMINGS="$RESULTS/timings.txt"
 : > "$TIMINGS"
