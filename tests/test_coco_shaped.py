@@ -4,11 +4,14 @@ projection. The full sizes are benchmarks (docs/benchmarks.md), not tests."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
-from conftest import load_tool
+from conftest import ROOT, load_tool
 
 from updown.data import coco_shaped
 from updown.data.caption_preparation import load_karpathy, prepare_captions
@@ -218,17 +221,11 @@ def test_projection_without_validation_is_training_only():
 def test_gpu_scale_check_dry_runs_on_the_cpu(tmp_path):
     """tools/gpu_scale_check.sh, the one script a GPU session runs, end to end at a small size on the CPU, so
     that device time is never spent finding a mistake in it. Without pycocoevalcap or Java it times training only."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     environment = dict(os.environ, ACCELERATOR="cpu", IMAGES="600", EPOCH_STEPS="4", WARMUP="1", VAL_BATCHES="1",
                        LOADER_WORKERS="2", WORKERS="1", PYTHON=sys.executable, OUT=str(tmp_path / "out"))  # fmt: skip
     done = subprocess.run(
         ["bash", "tools/gpu_scale_check.sh", str(tmp_path / "work")],
-        cwd=root, env=environment, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     timings = (tmp_path / "out" / "timings.txt").read_text()
