@@ -18,6 +18,9 @@ own batch size, ``max_steps`` / ``max_epochs`` and the data's sizes:
 - epoch = steps per epoch x seconds per step + validation; recipe = total steps x seconds per step +
   validations (one per epoch, one more before training for SCST, which decodes the validation set first).
 
+``--val-batches 0`` skips validation (where captions cannot be scored: no Java, or no pycocoevalcap); the epoch
+and recipe times are then training only, and the table and JSON say so.
+
 ``--world`` is a folder with ``features.h5``, ``captions/`` (``tools/prepare_captions.py`` and
 ``tools/build_cider_df.py`` outputs) and ``vqa/`` (``tools/prepare_vqa.py`` output), as
 ``tools/make_coco_shaped.py`` writes raw files for; ``--features``, ``--captions-dir`` and ``--vqa-dir`` set
